@@ -1,0 +1,48 @@
+"""Coupled bias tuning: MaPLe's coupling and parameter budget, with biases instead of prompts.
+
+A text bias per layer; the vision bias of layer j is ``Linear_j(text bias j)``. Text biases and the
+Linear biases start at zero, so step 0 is zero-shot CLIP.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..encoders import Injection
+from .base import Adapter, BuildContext, select_layers
+from .bias import Placement, bias_injection, places_of
+from .components import text_to_vision_projections
+
+
+class CoupledBiasTuning(Adapter):
+    """Coupled bias tuning.
+
+    Args:
+        layers: a count J (layers 0..J-1) or an explicit list; the same layers in both towers.
+        placement: after the attention ("attn"), after the MLP ("mlp"), or "both".
+    """
+
+    def __init__(self, layers: int | list[int] = 9, placement: Placement = "attn") -> None:
+        super().__init__()
+        self.layers, self.placement = layers, placement
+        self.places = places_of(placement)
+
+    def build(self, context: BuildContext) -> None:
+        spec = context.spec
+        self.layer_indices = select_layers(self.layers, min(spec.text_layers, spec.vision_layers), "text and vision")
+        count = len(self.layer_indices)
+        self.text_biases = nn.ParameterDict({p: nn.Parameter(torch.zeros(count, spec.text_width)) for p in self.places})
+        self.projections = nn.ModuleDict(
+            {p: text_to_vision_projections(count, context, zero_bias=True) for p in self.places}
+        )
+
+    def text_injection(self, image_features=None) -> Injection:
+        return bias_injection(self.layer_indices, dict(self.text_biases))
+
+    def vision_injection(self) -> Injection:
+        vision = {
+            place: torch.stack([self.projections[place][i](rows[i]) for i in range(len(self.layer_indices))])
+            for place, rows in self.text_biases.items()
+        }
+        return bias_injection(self.layer_indices, vision)

@@ -1,0 +1,40 @@
+"""MaPLe (Khattak et al., 2023): deep text prompts, each layer's vision prompt projected from it."""
+
+from __future__ import annotations
+
+from ..data.protocol import ClassSet
+from ..encoders import Injection
+from .base import Adapter, BuildContext, check_depth
+from .components import TextPromptStack, text_to_vision_projections
+
+
+class MaPLe(Adapter):
+    """Multi-modal prompt learning.
+
+    Text prompts at layers 0..depth-1 (layer 0 from ``ctx_init``, deeper ones N(0, 0.02)); the
+    vision prompt of layer j is ``Linear_j(text prompt j)``, with PyTorch's default Linear init.
+
+    Args:
+        n_ctx: prompt tokens per layer in both towers.
+        depth: prompted layers J.
+        ctx_init: phrase that initialises the layer-0 text context.
+    """
+
+    def __init__(self, n_ctx: int = 2, depth: int = 9, ctx_init: str | None = "a photo of a") -> None:
+        super().__init__()
+        self.text = TextPromptStack(n_ctx, depth, ctx_init)
+
+    def build(self, context: BuildContext) -> None:
+        check_depth(self.text.depth, context.spec.vision_layers, "vision")
+        self.text.build(context)
+        self.projections = text_to_vision_projections(self.text.depth, context)
+
+    def prompt_texts(self, classes: ClassSet) -> list[list[str]]:
+        return self.text.prompt_texts(classes)
+
+    def text_injection(self, image_features=None) -> Injection:
+        return Injection(prompts=self.text.layer_prompts())
+
+    def vision_injection(self) -> Injection:
+        text_prompts = self.text.layer_prompts()
+        return Injection(prompts={j: self.projections[j](text_prompts[j]) for j in text_prompts})

@@ -1,0 +1,27 @@
+"""VPT-deep (Jia et al., 2022): vision prompts at every layer; the text side stays zero-shot."""
+
+from __future__ import annotations
+
+from ..encoders import Injection
+from .base import Adapter, BuildContext
+from .components import VisionPromptStack
+
+
+class VPTDeep(Adapter):
+    """VPT-deep.
+
+    Args:
+        n_prompts: prompt tokens per layer.
+        depth: prompted layers 0..depth-1.
+        init: "vpt" (VPT's uniform init) or "normal" (N(0, 0.02)).
+    """
+
+    def __init__(self, n_prompts: int = 8, depth: int = 12, init: str = "vpt") -> None:
+        super().__init__()
+        self.vision = VisionPromptStack(n_prompts, depth, init)
+
+    def build(self, context: BuildContext) -> None:
+        self.vision.build(context)
+
+    def vision_injection(self) -> Injection:
+        return Injection(prompts=self.vision.layer_prompts())

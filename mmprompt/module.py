@@ -1,0 +1,349 @@
+"""The LightningModule: a frozen open_clip CLIP plus one adapter, trained on cosine logits."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.classification import MulticlassAccuracy
+
+from .adapters.base import Adapter, BuildContext
+from .attention import AttendFn, fused_attention, softmax_attention
+from .backbone import BackboneSpec, get_tokenizer, load_clip
+from .data.protocol import ClassSet, ProvidesClassSets
+from .encoders import TokenizedPrompts, encode_image, encode_text, tokenize_prompts
+from .schedule import warmup_cosine_factor
+
+log = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "adapter."
+EVAL_STAGES = ("validate", "test")
+METRIC_PREFIX = {"validate": "val", "test": "test"}
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """HM = 2·B·N / (B + N), the base-to-novel summary."""
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+def qualified_name(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class PromptCLIPModule(L.LightningModule):
+    """Frozen CLIP + an adapter. Only the adapter trains, sits in the optimizer and is checkpointed.
+
+    Args:
+        adapter: the method, e.g. ``{class_path: mmprompt.adapters.MaPLe}``.
+        model_name: an open_clip architecture, e.g. "ViT-B-16-quickgelu" or the tiny "mmprompt-tiny".
+        pretrained: an open_clip tag ("openai"), a local checkpoint file, or null for random weights.
+        force_quick_gelu: build with QuickGELU even when neither the name nor the weights ask for it.
+        optimizer: any optimizer (class_path/init_args); null means SGD(lr, momentum, weight_decay).
+        lr: base learning rate of the default SGD.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        warmup_epochs: epochs at the constant ``warmup_lr`` before the cosine starts.
+        warmup_lr: learning rate during warm-up.
+        cosine_epochs: the cosine's T_max in epochs; null means trainer.max_epochs.
+        text_chunk_size: classes per text-tower pass (bounds memory for 1000 classes); null: all.
+        attention: "fused" (scaled_dot_product_attention) or "explicit" (softmax written out).
+        cache_text_features: compute text features once per evaluation (and once per run when the
+            text side is frozen); false recomputes them for every batch, as the research code does.
+        truncate_text: run the text tower only up to the longest prompt's EOT (exact).
+    """
+
+    strict_loading = False  # the checkpoint holds only adapter tensors; load_state_dict checks them
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        model_name: str = "ViT-B-16-quickgelu",
+        pretrained: str | None = "openai",
+        force_quick_gelu: bool = False,
+        optimizer: OptimizerCallable | None = None,
+        lr: float = 0.0035,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        warmup_epochs: int = 1,
+        warmup_lr: float = 1e-5,
+        cosine_epochs: int | None = None,
+        text_chunk_size: int | None = None,
+        attention: Literal["fused", "explicit"] = "fused",
+        cache_text_features: bool = True,
+        truncate_text: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["adapter", "optimizer"])
+        if attention not in ("fused", "explicit"):
+            raise ValueError(f"attention must be 'fused' or 'explicit', got {attention!r}")
+        self.clip = load_clip(model_name, pretrained, force_quick_gelu)
+        self.tokenizer = get_tokenizer(model_name)
+        self.spec = BackboneSpec.from_clip(self.clip, model_name)
+        self.adapter = adapter
+        adapter.build(BuildContext(self.spec, self._embed_words))
+        self.optimizer_factory = optimizer
+        #: set by analysis callbacks to record or intervene in attention; None uses ``attention``
+        self.attention_probe: AttendFn | None = None
+        self._class_sets: dict[str, list[ClassSet]] = {}
+        self._prompt_cache: dict[tuple[ClassSet, torch.device], tuple[TokenizedPrompts, int]] = {}
+        self._text_cache: dict[ClassSet, Tensor] = {}
+        self.metrics = torch.nn.ModuleDict()
+        log.info("%s on %s: %s trainable parameters", type(adapter).__name__, model_name,
+                 f"{adapter.num_trainable_parameters():,}")
+
+    # ------------------------------------------------------------------ backbone plumbing
+
+    @torch.no_grad()
+    def _embed_words(self, text: str) -> Tensor:
+        ids = self.tokenizer([text])[0]
+        eot = int(ids.argmax())
+        return self.clip.token_embedding(ids[1:eot].to(self.clip.token_embedding.weight.device))
+
+    def train(self, mode: bool = True) -> "PromptCLIPModule":
+        """Keep the frozen backbone in eval mode whatever Lightning asks of the module."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    @property
+    def attend(self) -> AttendFn:
+        if self.attention_probe is not None:
+            return self.attention_probe
+        return fused_attention if self.hparams.attention == "fused" else softmax_attention
+
+    # ------------------------------------------------------------------ class sets
+
+    def set_class_sets(self, train: ClassSet | None = None, validate: list[ClassSet] | None = None,
+                       test: list[ClassSet] | None = None) -> None:
+        """Choose the classes per stage by hand (without a datamodule), e.g. novel classes at test."""
+        for stage, value in (("fit", [train] if train else None), ("validate", validate), ("test", test)):
+            if value is not None:
+                self._class_sets[stage] = list(value)
+        self._text_cache.clear()
+
+    def class_sets(self, stage: str) -> list[ClassSet]:
+        if stage not in self._class_sets:
+            raise RuntimeError(
+                f"no classes for stage {stage!r}: use a datamodule that provides class sets "
+                "(mmprompt.data.FewShotDataModule) or call set_class_sets()"
+            )
+        return self._class_sets[stage]
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if isinstance(datamodule, ProvidesClassSets):
+            self._check_image_size(datamodule)
+            if stage == "fit":
+                self._class_sets["fit"] = [datamodule.train_classes]
+            for eval_stage in EVAL_STAGES if stage == "fit" else (stage,):
+                if eval_stage in EVAL_STAGES:
+                    self._class_sets[eval_stage] = datamodule.eval_classes(eval_stage)
+        for metric_stage, sets in self._class_sets.items():
+            for index, classes in enumerate(sets):
+                name = self._metric_key(metric_stage, index)
+                if name not in self.metrics or self.metrics[name].num_classes != classes.num_classes:
+                    self.metrics[name] = MulticlassAccuracy(num_classes=classes.num_classes, average="micro")
+        self._text_cache.clear()
+
+    def _check_image_size(self, datamodule: Any) -> None:
+        size = getattr(datamodule, "image_size", None)
+        if size is not None and size != self.spec.image_size:
+            raise ValueError(
+                f"data.image_size={size} but model {self.spec.model_name!r} takes {self.spec.image_size}px images; "
+                f"set data.image_size: {self.spec.image_size}"
+            )
+
+    def _metric_key(self, stage: str, index: int) -> str:
+        return f"{stage}_{index}"
+
+    # ------------------------------------------------------------------ features
+
+    def prompts_for(self, classes: ClassSet) -> tuple[TokenizedPrompts, int]:
+        """Tokenized and embedded prompts of ``classes`` (templates × classes), cached per class set."""
+        device = self.clip.token_embedding.weight.device
+        key = (classes, device)
+        if key not in self._prompt_cache:
+            texts = self.adapter.prompt_texts(classes)
+            flat = [text for template_row in texts for text in template_row]
+            self._prompt_cache[key] = (
+                tokenize_prompts(self.clip, self.tokenizer, flat, truncate=self.hparams.truncate_text), len(texts)
+            )
+        return self._prompt_cache[key]
+
+    def encode_classes(self, classes: ClassSet, image_features: Tensor | None = None) -> Tensor:
+        """Normalised text features (C, D), or (B, C, D) for image-conditioned adapters."""
+        prompts, num_templates = self.prompts_for(classes)
+        features = encode_text(self.clip, prompts, self.adapter.text_injection(image_features), self.attend,
+                               self.hparams.text_chunk_size)
+        features = F.normalize(features.float(), dim=-1)
+        if num_templates > 1:  # template ensemble: mean of normalised features, renormalised
+            features = F.normalize(features.unflatten(-2, (num_templates, -1)).mean(dim=-3), dim=-1)
+        return features
+
+    def text_features(self, classes: ClassSet, image_features: Tensor | None = None) -> Tensor:
+        """Text features, reused while they can't change: in evaluation, or when the text side is frozen."""
+        if self.adapter.conditions_text_on_image:
+            return self.encode_classes(classes, image_features)
+        frozen = not torch.is_grad_enabled() or not self.adapter.text_injection().requires_grad
+        if not (self.hparams.cache_text_features and frozen):
+            return self.encode_classes(classes)
+        if classes not in self._text_cache:
+            self._text_cache[classes] = self.encode_classes(classes).detach()
+        return self._text_cache[classes]
+
+    def image_features(self, images: Tensor) -> Tensor:
+        features = encode_image(self.clip, images, self.adapter.vision_injection(), self.attend)
+        return F.normalize(features.float(), dim=-1)
+
+    def forward(self, images: Tensor, classes: ClassSet) -> Tensor:
+        """Logits (B, C): CLIP's ``logit_scale.exp()`` times the cosine of image and text features."""
+        image = self.image_features(images)
+        text = self.text_features(classes, image)
+        scale = self.clip.logit_scale.exp().float()
+        logits = scale * (torch.einsum("bd,bcd->bc", image, text) if text.dim() == 3 else image @ text.t())
+        if getattr(self.clip, "logit_bias", None) is not None:
+            logits = logits + self.clip.logit_bias
+        return logits
+
+    # ------------------------------------------------------------------ steps
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        classes = self.class_sets("fit")[0]
+        logits = self(batch["image"], classes)
+        loss = F.cross_entropy(logits, batch["label"])
+        accuracy = self.metrics[self._metric_key("fit", 0)]
+        accuracy(logits, batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        self.log("train/acc", accuracy, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(logits))
+        return loss
+
+    def _eval_step(self, stage: str, batch: dict[str, Tensor], dataloader_idx: int) -> Tensor:
+        classes = self.class_sets(stage)[dataloader_idx]
+        logits = self(batch["image"], classes)
+        self.metrics[self._metric_key(stage, dataloader_idx)].update(logits, batch["label"])
+        return logits
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._eval_step("validate", batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._eval_step("test", batch, dataloader_idx)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        logits = self(batch["image"], self.class_sets("test")[dataloader_idx])
+        return {"prediction": logits.argmax(dim=-1), "probability": logits.softmax(dim=-1)}
+
+    def on_validation_epoch_start(self) -> None:
+        self._text_cache.clear()
+
+    def on_test_epoch_start(self) -> None:
+        self._text_cache.clear()
+
+    def on_predict_epoch_start(self) -> None:
+        self._text_cache.clear()
+
+    def _log_eval_accuracies(self, stage: str) -> dict[str, float]:
+        """Compute (synced across ranks), log and reset each class set's accuracy; add HM for base/new."""
+        prefix = METRIC_PREFIX[stage]
+        results: dict[str, float] = {}
+        for index, classes in enumerate(self.class_sets(stage)):
+            metric = self.metrics[self._metric_key(stage, index)]
+            if not metric.update_called:
+                continue
+            results[f"{prefix}/{classes.name}/acc"] = 100.0 * float(metric.compute())
+            metric.reset()
+        if f"{prefix}/base/acc" in results and f"{prefix}/new/acc" in results:
+            results[f"{prefix}/hm"] = harmonic_mean(results[f"{prefix}/base/acc"], results[f"{prefix}/new/acc"])
+        for name, value in results.items():
+            self.log(name, value, prog_bar=stage == "validate", add_dataloader_idx=False)
+        return results
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_accuracies("validate")
+
+    def on_test_epoch_end(self) -> None:
+        #: the last test's accuracies in percent, e.g. {"test/base/acc": 81.2, "test/hm": 77.0}
+        self.test_results = self._log_eval_accuracies("test")
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any] | None:
+        parameters = [p for p in self.adapter.parameters() if p.requires_grad]
+        if not parameters:
+            log.warning("%s has no trainable parameters: nothing to optimise", type(self.adapter).__name__)
+            return None
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(parameters)
+        else:
+            optimizer = torch.optim.SGD(parameters, lr=self.hparams.lr, momentum=self.hparams.momentum,
+                                        weight_decay=self.hparams.weight_decay)
+        cosine_epochs = self.hparams.cosine_epochs or self.trainer.max_epochs
+        if not cosine_epochs or cosine_epochs < 1:
+            raise ValueError("set trainer.max_epochs or model.cosine_epochs: the cosine schedule runs per epoch")
+        factor = functools.partial(
+            warmup_cosine_factor, base_lr=optimizer.param_groups[0]["lr"], warmup_epochs=self.hparams.warmup_epochs,
+            warmup_lr=self.hparams.warmup_lr, cosine_epochs=cosine_epochs,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ adapter-only checkpoints
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Only the adapter's tensors: the frozen backbone is rebuilt from its name and weights."""
+        state = super().state_dict(*args, **kwargs)
+        keep = kwargs.get("prefix", "") + ADAPTER_PREFIX
+        for key in [key for key in state if not key.startswith(keep)]:
+            del state[key]
+        return state
+
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(value.shape) for key, value in self.state_dict().items()}
+
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
+        """Load adapter tensors; every adapter key must be present with its shape, and no other adapter's."""
+        expected = self.adapter_shapes()
+        given = {key: tuple(value.shape) for key, value in state_dict.items() if key.startswith(ADAPTER_PREFIX)}
+        problems = []
+        missing = sorted(set(expected) - set(given))
+        unexpected = sorted(set(given) - set(expected))
+        wrong = [f"{k}: checkpoint {given[k]} vs model {expected[k]}" for k in sorted(set(expected) & set(given))
+                 if given[k] != expected[k]]
+        if missing:
+            problems.append(f"missing adapter tensors {missing[:5]}")
+        if unexpected:
+            problems.append(f"unexpected adapter tensors {unexpected[:5]}")
+        if wrong:
+            problems.append(f"shape mismatches {wrong[:5]}")
+        if problems:
+            raise ValueError(
+                f"adapter state does not match {type(self.adapter).__name__} on {self.spec.model_name}: "
+                + "; ".join(problems)
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def adapter_identity(self) -> dict[str, Any]:
+        return {"adapter": qualified_name(self.adapter), "model_name": self.spec.model_name,
+                "shapes": {key: list(shape) for key, shape in self.adapter_shapes().items()}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmprompt"] = self.adapter_identity()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("mmprompt")
+        if saved is None:
+            return  # not written by mmprompt: load_state_dict still checks every adapter key
+        ours = self.adapter_identity()
+        differences = [f"{field}: checkpoint {saved.get(field)!r}, this model {ours[field]!r}"
+                       for field in ("adapter", "model_name") if saved.get(field) != ours[field]]
+        if differences or saved.get("shapes") != ours["shapes"]:
+            if not differences:
+                differences.append("adapter tensor shapes differ (other hyper-parameters such as n_ctx or depth)")
+            raise ValueError("checkpoint does not match the model: " + "; ".join(differences))
