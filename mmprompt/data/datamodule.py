@@ -1,0 +1,170 @@
+"""`FewShotDataModule`: any registered dataset (or ``custom``) under the CoOp protocol.
+
+Its ``__init__`` signature is the ``data:`` section of the YAML config. Every rank derives the same
+splits from the files alone (sorted listings, seeded sampling); ``prepare_data`` does the one-time
+work (synthetic generation, few-shot cache) and ``setup`` only reads.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+
+import lightning as L
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch.utils.data import DataLoader
+
+from .catalog import Catalog, Item
+from .custom import resolve_spec
+from .dataset import ItemDataset
+from .fewshot import SUBSAMPLES, cache_path, check_shots, class_subset, load_fewshot, relabel
+from .protocol import ClassSet
+from .registry import ENSEMBLE_TEMPLATES, DatasetSpec
+from .transforms import build_transform
+
+SubsampleName = Literal["all", "base", "new"]
+
+
+class FewShotDataModule(L.LightningDataModule):
+    """Few-shot / base-to-novel / cross-dataset data for prompt learning (SPEC §5)."""
+
+    def __init__(
+        self,
+        dataset: str = "synthetic",
+        root: str = "data",
+        shots: int | None = 16,
+        seed: int = 1,
+        subsample: SubsampleName = "all",
+        test_subsamples: list[SubsampleName] | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int = 100,
+        num_workers: int = 0,
+        image_size: int = 224,
+        mean: tuple[float, float, float] = OPENAI_DATASET_MEAN,
+        std: tuple[float, float, float] = OPENAI_DATASET_STD,
+        with_masks: bool = True,
+        template: str | None = None,
+        split_file: str | None = None,
+        image_dir: str | None = None,
+        mask_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            dataset: Registered name (e.g. ``OxfordPets``, ``eurosat``, ``ImageNetR``, ``synthetic``) or ``custom``.
+            root: Data root holding one folder per dataset (``<root>/oxford_pets``, ...).
+            shots: Training images per class (K); ``-1`` or ``null`` for all. Val gets min(K, 4) per class.
+            seed: Seed of the few-shot draw (CoOp reports seeds 1, 2, 3).
+            subsample: Classes to train and validate on: ``all``, ``base`` (first ⌈n/2⌉ sorted labels) or ``new``.
+            test_subsamples: One test dataloader per entry; default ``[base, new]`` when subsample is base, else ``[subsample]``.
+            batch_size: Training batch size (per device).
+            eval_batch_size: Validation/test batch size (per device).
+            num_workers: DataLoader worker processes.
+            image_size: Side of the square model input.
+            mean: Normalisation mean (CLIP's by default).
+            std: Normalisation std (CLIP's by default).
+            with_masks: Load foreground masks where the dataset has them (batch ``mask``/``has_mask``).
+            template: Override the dataset's zero-shot template (must contain ``{}``).
+            split_file: ``custom`` only: JSON split ``{"train"|"val"|"test": [[path, label, classname], ...]}``.
+            image_dir: ``custom`` only: folder the split paths are relative to (default: the split file's folder).
+            mask_dir: ``custom`` only: folder of masks at the same relative paths (non-zero = foreground).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec: DatasetSpec = resolve_spec(dataset, split_file, image_dir, mask_dir, template)
+        self.root, self.shots, self.seed = root, check_shots(shots), seed
+        self.subsample = subsample
+        self.test_subsamples = list(test_subsamples or (["base", "new"] if subsample == "base" else [subsample]))
+        for name in [subsample, *self.test_subsamples]:
+            if name not in SUBSAMPLES:
+                raise ValueError(f"subsample / test_subsamples entries must be one of {SUBSAMPLES}; got {name!r}")
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.image_size, self.mean, self.std, self.with_masks = image_size, tuple(mean), tuple(std), with_masks
+        self.datasets: dict[str, list[ItemDataset]] = {}
+
+    # -- what the model asks -------------------------------------------------------------------
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        """The parsed split listing (synthetic data is generated first if absent)."""
+        if self.spec.generate is not None:
+            self.spec.generate(self.root)
+        return self.spec.read_catalog(self.root)
+
+    def class_set(self, subsample: str) -> ClassSet:
+        """Class names of ``subsample`` in relabelled order, with the dataset's templates."""
+        names = tuple(self.catalog.classnames[i] for i in class_subset(len(self.catalog.classnames), subsample))
+        return ClassSet(subsample, names, self.spec.template, ENSEMBLE_TEMPLATES)
+
+    @property
+    def train_classes(self) -> ClassSet:
+        return self.class_set(self.subsample)
+
+    def eval_classes(self, stage: str) -> list[ClassSet]:
+        """One ClassSet per dataloader of ``stage`` ("validate"/"fit" or "test"/"predict")."""
+        return [self.class_set(s) for s in self.eval_subsamples(stage)]
+
+    def eval_subsamples(self, stage: str) -> list[str]:
+        if stage in ("validate", "val", "fit"):
+            return [self.subsample]
+        if stage in ("test", "predict"):
+            return self.test_subsamples
+        raise ValueError(f"unknown stage {stage!r}; expected 'validate' or 'test'")
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+
+    def fewshot(self, write: bool = True) -> dict[str, list[Item]]:
+        """The few-shot train/val items (all classes, original labels), cached as JSON."""
+        if self.spec.test_only:
+            raise ValueError(
+                f"dataset {self.spec.name!r} is test-only (it has only a test split); train on another "
+                "dataset and evaluate on it with `mmprompt test`"
+            )
+        path = cache_path(self.spec.fewshot_cache_dir(self.root), self.shots, self.seed, self.spec.cache_prefix)
+        return load_fewshot(self.catalog, self.shots, self.seed, path, write=write)
+
+    def prepare_data(self) -> None:
+        """One process per node: generate synthetic data and write the few-shot cache."""
+        if not self.spec.test_only:
+            self.fewshot(write=True)
+        else:
+            _ = self.catalog
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            subset = self.fewshot()
+            self.datasets["train"] = [self.make_dataset(subset["train"], self.subsample, train=True)]
+            self.datasets["val"] = [self.make_dataset(subset["val"], self.subsample, train=False)]
+        elif stage == "validate":
+            self.datasets["val"] = [self.make_dataset(self.fewshot()["val"], self.subsample, train=False)]
+        elif stage in ("test", "predict"):
+            self.datasets["test"] = [
+                self.make_dataset(self.catalog.split("test"), s, train=False) for s in self.test_subsamples
+            ]
+
+    def make_dataset(self, items: list[Item], subsample: str, train: bool) -> ItemDataset:
+        kept = class_subset(len(self.catalog.classnames), subsample)
+        masks = self.spec.masks() if self.with_masks and self.spec.masks is not None else None
+        transform = build_transform(train, self.image_size, self.mean, self.std)
+        return ItemDataset(self.spec.dataset_dir(self.root), relabel(items, kept), transform, masks)
+
+    def loaders(self, key: str, batch_size: int, shuffle: bool) -> list[DataLoader]:
+        if key not in self.datasets:
+            raise RuntimeError(f"no {key} data: call setup() with the matching stage first")
+        return [
+            DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                       persistent_workers=self.num_workers > 0)
+            for ds in self.datasets[key]
+        ]
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loaders("train", self.batch_size, shuffle=True)[0]
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loaders("val", self.eval_batch_size, shuffle=False)[0]
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        loaders = self.loaders("test", self.eval_batch_size, shuffle=False)
+        return loaders if len(loaders) > 1 else loaders[0]
+
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self.test_dataloader()

@@ -1,0 +1,189 @@
+"""Built-in synthetic data in the CoOp on-disk layout, so the demo and the tests run with no download.
+
+Ten classes, each a distinct shape AND colour ("circle" is red, "square" green, ...), drawn at a
+random position, size and rotation on a varied background, with the exact foreground mask saved
+beside each image. ``synthetic-shifted`` uses other background families and a colour cast, so a
+model adapted on ``synthetic`` has a domain shift to be tested on.
+
+Generation is deterministic (one numpy RNG per image, seeded by variant, class and index) and atomic
+(built in a hidden temporary folder under the root, then renamed), so concurrent ranks never see
+half a tree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 96
+SPLIT_SIZES = {"train": 20, "val": 8, "test": 20}
+
+#: class name → (RGB colour, shape drawer name); shapes and colours are both distinct per class.
+CLASSES: dict[str, tuple[tuple[int, int, int], str]] = {
+    "circle": ((220, 30, 30), "circle"),
+    "square": ((30, 170, 40), "square"),
+    "triangle": ((30, 60, 225), "triangle"),
+    "star": ((240, 215, 30), "star"),
+    "cross": ((210, 40, 200), "cross"),
+    "ring": ((30, 210, 215), "ring"),
+    "hexagon": ((245, 135, 20), "hexagon"),
+    "diamond": ((120, 45, 170), "diamond"),
+    "crescent": ((245, 245, 245), "crescent"),
+    "arrow": ((25, 25, 25), "arrow"),
+}
+
+
+@dataclass(frozen=True)
+class SyntheticVariant:
+    """One synthetic dataset: its folder, split-file name, background families and colour cast."""
+
+    folder: str
+    split_name: str
+    backgrounds: tuple[str, ...]
+    colour_gain: tuple[float, float, float]
+    seed: int
+
+    @property
+    def split_file(self) -> str:
+        return f"split_zhou_{self.split_name}.json"
+
+
+SYNTHETIC_VARIANTS = (
+    SyntheticVariant("synthetic", "Synthetic", ("noise", "gradient", "stripes"), (1.0, 1.0, 1.0), 0),
+    SyntheticVariant("synthetic-shifted", "SyntheticShifted", ("checker", "blobs"), (0.75, 0.9, 1.15), 1),
+)
+
+
+def polygon(cx: float, cy: float, r: float, n: int, angle: float, radii: tuple[float, ...] = (1.0,)) -> list[tuple[float, float]]:
+    """Vertices of a regular (or, with alternating ``radii``, star-shaped) polygon."""
+    return [
+        (cx + r * radii[i % len(radii)] * math.cos(angle + 2 * math.pi * i / n),
+         cy + r * radii[i % len(radii)] * math.sin(angle + 2 * math.pi * i / n))
+        for i in range(n)
+    ]
+
+
+def rotate(points: list[tuple[float, float]], cx: float, cy: float, angle: float) -> list[tuple[float, float]]:
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float) -> None:
+    """Paint ``shape`` with value 1 (and holes with 0) on a mask canvas."""
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=1)
+    elif shape == "ring":
+        draw.ellipse(box, fill=1)
+        draw.ellipse((cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r), fill=0)
+    elif shape == "crescent":
+        draw.ellipse(box, fill=1)
+        dx, dy = 0.5 * r * math.cos(angle), 0.5 * r * math.sin(angle)
+        draw.ellipse((cx - r + dx, cy - r + dy, cx + r + dx, cy + r + dy), fill=0)
+    elif shape in ("square", "triangle", "hexagon", "diamond", "star"):
+        sides, radii = {"square": (4, (1.0,)), "triangle": (3, (1.0,)), "hexagon": (6, (1.0,)),
+                        "diamond": (4, (1.0, 0.55)), "star": (10, (1.0, 0.45))}[shape]
+        draw.polygon(polygon(cx, cy, r, sides, angle, radii), fill=1)
+    elif shape == "cross":
+        t = 0.33 * r
+        for pts in ([(cx - r, cy - t), (cx + r, cy - t), (cx + r, cy + t), (cx - r, cy + t)],
+                    [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy + r), (cx - t, cy + r)]):
+            draw.polygon(rotate(pts, cx, cy, angle), fill=1)
+    elif shape == "arrow":
+        pts = [(cx - r, cy - 0.25 * r), (cx + 0.1 * r, cy - 0.25 * r), (cx + 0.1 * r, cy - 0.7 * r), (cx + r, cy),
+               (cx + 0.1 * r, cy + 0.7 * r), (cx + 0.1 * r, cy + 0.25 * r), (cx - r, cy + 0.25 * r)]
+        draw.polygon(rotate(pts, cx, cy, angle), fill=1)
+    else:
+        raise ValueError(f"unknown synthetic shape {shape!r}")
+
+
+def background(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A (size, size, 3) float background in [0, 255] of the given family."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c1, c2 = rng.uniform(40, 200, 3), rng.uniform(40, 200, 3)
+    if kind == "noise":
+        return c1 + rng.normal(0, 25, (size, size, 3))
+    if kind == "gradient":
+        t = (np.cos(rng.uniform(0, 2 * np.pi)) * xx + np.sin(rng.uniform(0, 2 * np.pi)) * yy)[..., None]
+        t = (t - t.min()) / (np.ptp(t) + 1e-6)
+        return c1 * (1 - t) + c2 * t
+    if kind == "stripes":
+        t = (np.sin(2 * np.pi * rng.uniform(2, 6) * (xx + rng.uniform(0, 1) * yy)) > 0)[..., None]
+        return np.where(t, c1, c2)
+    if kind == "checker":
+        cells = int(rng.integers(4, 12))
+        t = (((xx * cells).astype(int) + (yy * cells).astype(int)) % 2 == 0)[..., None]
+        return np.where(t, c1, c2) + rng.normal(0, 10, (size, size, 3))
+    if kind == "blobs":
+        out = np.broadcast_to(c1, (size, size, 3)).copy()
+        for _ in range(6):
+            bx, by, br = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.3)
+            out[(xx - bx) ** 2 + (yy - by) ** 2 < br**2] = rng.uniform(40, 200, 3)
+        return out
+    raise ValueError(f"unknown background {kind!r}")
+
+
+def render(variant: SyntheticVariant, class_index: int, index: int) -> tuple[Image.Image, Image.Image]:
+    """One image and its exact mask (0/255), deterministic in (variant, class, index)."""
+    rng = np.random.default_rng([variant.seed, class_index, index])
+    colour, shape = list(CLASSES.values())[class_index]
+    size = IMAGE_SIZE
+    r = rng.uniform(0.16, 0.32) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    canvas = Image.new("L", (size, size), 0)
+    draw_shape(ImageDraw.Draw(canvas), shape, cx, cy, r, rng.uniform(0, 2 * math.pi))
+    mask = np.asarray(canvas, dtype=bool)
+    bg = background(variant.backgrounds[int(rng.integers(len(variant.backgrounds)))], rng, size)
+    fg = np.asarray(colour, dtype=np.float32) * np.asarray(variant.colour_gain) + rng.normal(0, 8, (size, size, 3))
+    pixels = np.clip(np.where(mask[..., None], fg, bg), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB"), Image.fromarray(mask.astype(np.uint8) * 255, "L")
+
+
+def write_tree(target: Path, variant: SyntheticVariant) -> None:
+    """Write images, masks and the split file of ``variant`` into ``target``."""
+    from .catalog import write_json_atomic
+
+    split: dict[str, list[list]] = {name: [] for name in SPLIT_SIZES}
+    for label, name in enumerate(CLASSES):
+        (target / "images" / name).mkdir(parents=True)
+        (target / "masks" / name).mkdir(parents=True)
+        index = 0
+        for split_name, count in SPLIT_SIZES.items():
+            for _ in range(count):
+                image, mask = render(variant, label, index)
+                rel = f"{name}/{name}_{index:04d}.png"
+                image.save(target / "images" / rel, compress_level=1)
+                mask.save(target / "masks" / rel, compress_level=1)
+                split[split_name].append([rel, label, name])
+                index += 1
+    write_json_atomic(target / variant.split_file, split)
+
+
+def generate_synthetic(root: str | Path, variant: SyntheticVariant = SYNTHETIC_VARIANTS[0]) -> Path:
+    """Create ``<root>/<variant.folder>`` unless it is already complete; return it."""
+    root = Path(root)
+    target = root / variant.folder
+    if (target / variant.split_file).is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{variant.folder}-", dir=root))
+    try:
+        write_tree(tmp, variant)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / variant.split_file).is_file():  # not a concurrent rank that won the race
+                raise FileExistsError(
+                    f"cannot create synthetic data at {target}: the folder exists without "
+                    f"{variant.split_file}; remove it to regenerate"
+                ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,48 @@
+"""CLIP train/test transforms that move a foreground mask exactly with its image.
+
+Built on torchvision.transforms.v2: the image stays a PIL image through the geometric ops (so the
+test transform equals ``open_clip.image_transform(size, is_train=False)``), the mask is a
+``tv_tensors.Mask`` that receives the same random crop/flip parameters and is resized with
+nearest-neighbour interpolation (v2's rule for masks): mask values stay in their original set
+({0, 0.5, 1} for trimaps), no blur across the object border.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+BICUBIC = v2.InterpolationMode.BICUBIC
+TRAIN_SCALE = (0.08, 1.0)
+
+
+def build_transform(
+    train: bool,
+    image_size: int = 224,
+    mean: Sequence[float] = OPENAI_DATASET_MEAN,
+    std: Sequence[float] = OPENAI_DATASET_STD,
+) -> v2.Compose:
+    """Train: RandomResizedCrop(scale 0.08–1, bicubic) + horizontal flip; test: resize the shorter
+    side (bicubic) + center crop. Both end with CLIP normalisation (images only)."""
+    if train:
+        geometry = [v2.RandomResizedCrop(image_size, scale=TRAIN_SCALE, interpolation=BICUBIC, antialias=True),
+                    v2.RandomHorizontalFlip()]
+    else:
+        geometry = [v2.Resize(image_size, interpolation=BICUBIC, antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose([*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+def transform_pair(
+    transform: v2.Compose, image: Image.Image, mask: np.ndarray | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply one transform to an image and its (H, W) float mask with shared random parameters."""
+    if mask is None:
+        return transform(image).as_subclass(torch.Tensor), None
+    out_image, out_mask = transform(image, tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))))
+    return out_image.as_subclass(torch.Tensor), out_mask.as_subclass(torch.Tensor)
