@@ -11,6 +11,7 @@ Coordinates: Cars, FGVCAircraft and ILSVRC boxes and Caltech101 contours are 1-b
 
 from __future__ import annotations
 
+import math
 import posixpath
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -55,16 +56,21 @@ def read_mask_image(path: Path, size: Size) -> Image.Image:
     return mask
 
 
-def boxes_to_mask(boxes: list[tuple[float, float, float, float]], size: Size, one_based: bool = True) -> np.ndarray:
-    """Union of inclusive (xmin, ymin, xmax, ymax) boxes, clipped to the image."""
+def boxes_to_mask(boxes: list[tuple[float, float, float, float]], size: Size) -> np.ndarray:
+    """Union of boxes given as continuous 0-based edges (left, top, right, bottom): a pixel is inside
+    when its centre is, so a 1-based inclusive box (x1..x2) covers columns x1-1..x2-1."""
     w, h = size
     mask = np.zeros((h, w), dtype=np.float32)
-    shift = 1 if one_based else 0
-    for x1, y1, x2, y2 in boxes:
-        c1, r1 = max(int(round(x1)) - shift, 0), max(int(round(y1)) - shift, 0)
-        c2, r2 = min(int(round(x2)) - shift, w - 1), min(int(round(y2)) - shift, h - 1)
+    for left, top, right, bottom in boxes:
+        c1, r1 = max(math.ceil(left - 0.5), 0), max(math.ceil(top - 0.5), 0)
+        c2, r2 = min(math.floor(right - 0.5), w - 1), min(math.floor(bottom - 0.5), h - 1)
         mask[r1 : r2 + 1, c1 : c2 + 1] = 1.0
     return mask
+
+
+def edges_of_one_based(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float, float, float]:
+    """A 1-based inclusive pixel box (MATLAB/PASCAL) as continuous 0-based edges."""
+    return x1 - 1, y1 - 1, x2, y2
 
 
 def stem(path: str) -> str:
@@ -145,7 +151,7 @@ class IndexedBoxes:
         if self._index is None:
             self._index = self.load_index(base_dir)
         boxes = self._index.get(self.key(item_path))
-        return None if boxes is None else boxes_to_mask(boxes, size)
+        return None if boxes is None else boxes_to_mask([edges_of_one_based(*b) for b in boxes], size)
 
 
 class CarsBoxes(IndexedBoxes):
@@ -220,7 +226,8 @@ class ImageNetValBoxes:
         except Exception as err:
             raise OSError(f"cannot read ImageNet box file {path}: {err}") from err
         sx, sy = size[0] / xml_w, size[1] / xml_h
-        return boxes_to_mask([(x1 * sx, y1 * sy, x2 * sx, y2 * sy) for x1, y1, x2, y2 in boxes], size)
+        edges = [edges_of_one_based(*box) for box in boxes]
+        return boxes_to_mask([(l * sx, t * sy, r * sx, b * sy) for l, t, r, b in edges], size)
 
 
 class ParallelMaskFolder:
