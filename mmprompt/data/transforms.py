@@ -2,9 +2,10 @@
 
 Built on torchvision.transforms.v2: the image stays a PIL image through the geometric ops (so the
 test transform equals ``open_clip.image_transform(size, is_train=False)``), the mask is a
-``tv_tensors.Mask`` that receives the same random crop/flip parameters and is resized with
-nearest-neighbour interpolation (v2's rule for masks): mask values stay in their original set
-({0, 0.5, 1} for trimaps), no blur across the object border.
+`ForegroundMask` (a ``tv_tensors.Mask``) that receives the same random crop/flip parameters. Masks
+are resized with *nearest-exact* interpolation: mask values stay in their original set ({0, 0.5, 1}
+for trimaps), and the sampling grid is pixel-centre aligned like PIL's resampling of the image.
+(v2's own mask rule, floor-nearest, shifts the mask up-left by half an output pixel.)
 """
 
 from __future__ import annotations
@@ -17,9 +18,29 @@ from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 BICUBIC = v2.InterpolationMode.BICUBIC
+NEAREST_EXACT = v2.InterpolationMode.NEAREST_EXACT
 TRAIN_SCALE = (0.08, 1.0)
+
+
+class ForegroundMask(tv_tensors.Mask):
+    """A (H, W) float foreground mask; crop/flip/pad behave as for ``Mask``, resizing is nearest-exact."""
+
+
+@TF.register_kernel(TF.resize, ForegroundMask)
+def resize_foreground(mask: ForegroundMask, size: list[int], max_size: int | None = None, **_: object) -> ForegroundMask:
+    out = TF.resize_mask(mask.as_subclass(torch.Tensor), size, interpolation=NEAREST_EXACT, max_size=max_size)
+    return tv_tensors.wrap(out, like=mask)
+
+
+@TF.register_kernel(TF.resized_crop, ForegroundMask)
+def resized_crop_foreground(
+    mask: ForegroundMask, top: int, left: int, height: int, width: int, size: list[int], **_: object
+) -> ForegroundMask:
+    cropped = TF.crop_mask(mask.as_subclass(torch.Tensor), top, left, height, width)
+    return tv_tensors.wrap(TF.resize_mask(cropped, size, interpolation=NEAREST_EXACT), like=mask)
 
 
 def build_transform(
@@ -44,5 +65,5 @@ def transform_pair(
     """Apply one transform to an image and its (H, W) float mask with shared random parameters."""
     if mask is None:
         return transform(image).as_subclass(torch.Tensor), None
-    out_image, out_mask = transform(image, tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))))
+    out_image, out_mask = transform(image, ForegroundMask(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))))
     return out_image.as_subclass(torch.Tensor), out_mask.as_subclass(torch.Tensor)
