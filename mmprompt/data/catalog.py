@@ -100,10 +100,15 @@ def classnames_from_entries(
     return tuple(clean_classname(by_label[i][0], renames) for i in range(len(by_label)))
 
 
-def read_json(path: Path, what: str) -> Any:
+def missing_file(path: Path, what: str, layout: str = "") -> FileNotFoundError:
+    """The error for a file the layout requires: its path, and the layout when known."""
+    return FileNotFoundError(f"{what} not found: {path}" + (f"\nexpected layout:\n{layout}" if layout else ""))
+
+
+def read_json(path: Path, what: str, layout: str = "") -> Any:
     """Read JSON, turning a missing or malformed file into an error naming it and what it should be."""
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise missing_file(path, what, layout)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)

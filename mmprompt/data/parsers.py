@@ -19,6 +19,7 @@ from .catalog import (
     clean_classname,
     list_dirs,
     list_files,
+    missing_file,
     read_json,
     require_dir,
     safe_relpath,
@@ -73,16 +74,16 @@ def parse_zhou_split(dataset_dir: Path, spec: DatasetSpec) -> Catalog:
     says they are relative to the dataset folder (StanfordCars)."""
     require_dir(dataset_dir, spec.layout)
     split_path = dataset_dir / spec.split_file
-    data = read_json(split_path, f"{spec.name} split file (expected layout:\n{spec.layout})")
+    data = read_json(split_path, f"{spec.name} split file", spec.layout)
     entries = entries_from_split_dict(data, str(split_path))
     prefix = "" if spec.paths_relative_to_dataset else spec.image_dir
     return catalog_from_entries(entries, str(split_path), prefix, spec.renames)
 
 
-def read_lines(path: Path, what: str) -> list[str]:
+def read_lines(path: Path, what: str, layout: str = "") -> list[str]:
     """Non-empty stripped lines of a text file; error naming the file when it is missing."""
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise missing_file(path, what, layout)
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -90,13 +91,13 @@ def parse_fgvc_aircraft(dataset_dir: Path, spec: DatasetSpec) -> Catalog:
     """``variants.txt`` orders the 100 classes; ``images_variant_<split>.txt`` lines are
     ``<image id> <variant name with spaces>``, images at ``images/<id>.jpg``."""
     require_dir(dataset_dir, spec.layout)
-    variants = read_lines(dataset_dir / "variants.txt", f"FGVCAircraft class list (layout:\n{spec.layout})")
+    variants = read_lines(dataset_dir / "variants.txt", "FGVCAircraft class list", spec.layout)
     label_of = {name: i for i, name in enumerate(variants)}
     splits: dict[str, list[Item]] = {}
     for split in SPLITS:
         list_path = dataset_dir / f"images_variant_{split}.txt"
         items = []
-        for line in read_lines(list_path, f"FGVCAircraft {split} list (layout:\n{spec.layout})"):
+        for line in read_lines(list_path, f"FGVCAircraft {split} list", spec.layout):
             image_id, _, variant = line.partition(" ")
             if variant not in label_of:
                 raise ValueError(f"{list_path}: variant {variant!r} of image {image_id} is not in variants.txt")

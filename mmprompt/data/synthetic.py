@@ -33,7 +33,7 @@ CLASSES: dict[str, tuple[tuple[int, int, int], str]] = {
     "star": ((240, 215, 30), "star"),
     "cross": ((210, 40, 200), "cross"),
     "ring": ((30, 210, 215), "ring"),
-    "hexagon": ((245, 135, 20), "hexagon"),
+    "hexagon": ((245, 110, 10), "hexagon"),
     "diamond": ((120, 45, 170), "diamond"),
     "crescent": ((245, 245, 245), "crescent"),
     "arrow": ((25, 25, 25), "arrow"),
