@@ -1,0 +1,538 @@
+"""Paper-style tables from finished runs: ``mmprompt report runs/base2new runs/fewshot``.
+
+Every run folder that finished its test stage holds a ``results.json`` (see ``docs/protocols.md``).
+This module reads them all, groups them by protocol label, method, dataset and shots, and writes:
+
+* base-to-novel tables: base / novel accuracy as seed mean ± std, the HM of the seed-mean base and
+  novel accuracies (the published convention), the seed mean ± std of the per-seed HM, and one
+  average row per method whose HM is the HM of the dataset-averaged base and novel accuracies;
+* few-shot tables: accuracy per K (one column per shots value) with an average row per method;
+* transfer tables (cross-dataset / domain generalisation): accuracy per target dataset, the source
+  (ImageNet) first and excluded from the target average.
+
+Base-to-novel tables carry the published reference numbers of SPEC §7 as extra rows marked
+"(published)". Std is the sample std over seeds (ddof=1, as papers report with 3 seeds) unless
+``--std population`` is given; a single seed has no sample std and shows none.
+
+Nothing is skipped silently: an unreadable or incomplete ``results.json`` stops the report with a
+message naming every bad file, or, with ``--skip-invalid``, is listed as a warning on stderr and in
+the Markdown.
+
+Kept free of torch/Lightning imports so ``mmprompt report`` starts instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+RESULTS_FILE = "results.json"
+SOURCE_DATASET = "imagenet"
+TRANSFER_PROTOCOL_PREFIXES = ("cross_dataset", "domain_generalization")
+
+#: config stem -> adapter class name (the ``method`` field of results.json), in table order
+METHOD_LABELS: dict[str, str] = {
+    "zero_shot": "ZeroShot", "coop": "CoOp", "cocoop": "CoCoOp", "vpt_deep": "VPTDeep", "text_deep": "TextDeep",
+    "ivlp": "IVLP", "maple": "MaPLe", "bias": "BiasTuning", "coupled_bias": "CoupledBiasTuning",
+}
+#: the 11 CoOp datasets (config stems) in the papers' column order
+STANDARD_DATASETS: tuple[str, ...] = (
+    "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
+    "sun397", "dtd", "eurosat", "ucf101",
+)
+DG_TARGETS: tuple[str, ...] = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+#: registry spellings that differ from the config stem once normalised
+DATASET_ALIASES: dict[str, str] = {
+    "pets": "oxford_pets", "cars": "stanford_cars", "flowers": "oxford_flowers", "flowers102": "oxford_flowers",
+    "aircraft": "fgvc_aircraft", "describabletextures": "dtd", "imagenetadversarial": "imagenet_a",
+    "imagenetrendition": "imagenet_r",
+}
+
+
+def normalise(name: str) -> str:
+    """Case/punctuation-insensitive key, the registry's rule, so ``OxfordPets`` matches ``oxford_pets``."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+_DATASET_KEYS = {normalise(d): d for d in STANDARD_DATASETS + DG_TARGETS} | DATASET_ALIASES
+
+
+def canonical_dataset(name: str) -> str:
+    """The config stem of a dataset name as the CLI may have written it (``EuroSAT`` -> ``eurosat``)."""
+    return _DATASET_KEYS.get(normalise(name), name)
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """HM = 2·B·N / (B + N), the base-to-novel summary (same rule as ``mmprompt.module``)."""
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+# -- published references (SPEC §7: ViT-B/16, 16 shots, base-to-novel) --------------------------------
+
+@dataclass(frozen=True)
+class Published:
+    method: str  # display name
+    dataset: str  # config stem or "average"
+    base: float
+    new: float
+    hm: float
+
+
+PUBLISHED: tuple[Published, ...] = (
+    Published("CLIP zero-shot", "average", 69.34, 74.22, 71.70),
+    Published("CoOp", "average", 82.69, 63.22, 71.66),
+    Published("CoCoOp", "average", 80.47, 71.69, 75.83),
+    Published("MaPLe", "average", 82.28, 75.14, 78.55),
+    Published("PromptSRC", "average", 84.26, 76.10, 79.97),
+    Published("MaPLe", "eurosat", 94.07, 73.23, 82.35),
+)
+
+
+# -- reading results.json ------------------------------------------------------------------------------
+
+class ReportError(Exception):
+    """Bad or missing inputs; the message names every offending file."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One finished run, as read from its results.json."""
+
+    path: Path
+    protocol: str
+    method: str
+    dataset: str
+    seed: int
+    shots: int | None
+    metrics: dict[str, float]
+
+    @property
+    def base_new(self) -> tuple[float, float] | None:
+        """(base, novel) accuracy when the run tested both halves, else None."""
+        if "test/base/acc" in self.metrics and "test/new/acc" in self.metrics:
+            return self.metrics["test/base/acc"], self.metrics["test/new/acc"]
+        return None
+
+    @property
+    def key(self) -> tuple[str, str, str, int | None, int]:
+        return self.protocol, self.method, self.dataset, self.shots, self.seed
+
+
+def find_results(folders: Iterable[Path]) -> list[Path]:
+    """Every results.json under the folders (a results.json path counts as itself), deduplicated, sorted."""
+    found: set[Path] = set()
+    for folder in map(Path, folders):
+        if folder.is_file():
+            found.add(folder.resolve())
+        elif folder.is_dir():
+            found.update(p.resolve() for p in folder.rglob(RESULTS_FILE))
+        else:
+            raise ReportError(f"{folder}: no such file or folder")
+    return sorted(found)
+
+
+def _field(data: dict, name: str, kind: type | tuple[type, ...], optional: bool = False):
+    """A typed field of results.json; bools are rejected where numbers are expected."""
+    if name not in data:
+        if optional:
+            return None
+        raise ValueError(f"missing field {name!r}")
+    value = data[name]
+    if (value is None and optional) or (isinstance(value, kind) and not isinstance(value, bool)):
+        return value
+    raise ValueError(f"field {name!r} should be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _accuracies(metrics: dict) -> dict[str, float]:
+    """Finite percentages; the run must have tested base and new, or all classes."""
+    out = {}
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"metric {name!r} is not a finite number: {value!r}")
+        if name.endswith("/acc") and not 0 <= value <= 100:
+            raise ValueError(f"metric {name!r} = {value} is not a percentage in [0, 100]")
+        out[name] = float(value)
+    has_base_new = "test/base/acc" in out and "test/new/acc" in out
+    if not has_base_new and "test/all/acc" not in out:
+        raise ValueError("metrics hold neither test/base/acc + test/new/acc nor test/all/acc")
+    return out
+
+
+def load_result(path: Path) -> RunResult:
+    """Parse one results.json; any problem raises ReportError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return RunResult(
+            path=Path(path),
+            protocol=_field(data, "protocol", str),
+            method=_field(data, "method", str),
+            dataset=canonical_dataset(_field(data, "dataset", str)),
+            seed=_field(data, "seed", int),
+            shots=_field(data, "shots", int, optional=True),
+            metrics=_accuracies(_field(data, "metrics", dict)),
+        )
+    except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        raise ReportError(f"{path}: {err}") from err
+
+
+def load_results(folders: Iterable[Path], skip_invalid: bool = False) -> tuple[list[RunResult], list[str]]:
+    """All runs under ``folders`` and the problems found (empty unless ``skip_invalid``).
+
+    Strict by default: one bad file (or two files claiming the same protocol/method/dataset/shots/seed)
+    raises a ReportError that lists them all. With ``skip_invalid`` they are returned as warnings.
+    """
+    runs: dict[tuple, RunResult] = {}
+    problems: list[str] = []
+    paths = find_results(folders)
+    for path in paths:
+        try:
+            run = load_result(path)
+        except ReportError as err:
+            problems.append(str(err))
+            continue
+        if run.key in runs:
+            problems.append(f"{path}: same protocol/method/dataset/shots/seed as {runs[run.key].path}")
+            continue
+        runs[run.key] = run
+    if problems and not skip_invalid:
+        raise ReportError("invalid results (use --skip-invalid to report the rest):\n  " + "\n  ".join(problems))
+    if not runs:
+        raise ReportError(f"no valid {RESULTS_FILE} found under: {', '.join(map(str, folders))}")
+    return list(runs.values()), problems
+
+
+# -- statistics ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and spread of one quantity over ``n`` values (seeds, or datasets for average rows)."""
+
+    mean: float
+    std: float  # nan when undefined (one value with ddof=1, or averages across datasets)
+    n: int
+
+
+def summarize(values: Sequence[float], ddof: int = 1) -> Stat:
+    """Mean ± std with ``ddof`` 1 (sample) or 0 (population); std is nan when n <= ddof."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values to summarize")
+    mean = statistics.fmean(values)
+    if n <= ddof:
+        return Stat(mean, math.nan, n)
+    std = statistics.stdev(values) if ddof == 1 else statistics.pstdev(values)
+    return Stat(mean, std, n)
+
+
+def mean_only(values: Sequence[float]) -> Stat:
+    """An average across datasets: no std (datasets are not samples of one thing)."""
+    return Stat(statistics.fmean(values), math.nan, len(values))
+
+
+def format_stat(stat: Stat | None, expected_n: int = 0, unit: str = "seeds") -> str:
+    """``82.00 ± 2.00``; flags a cell built from fewer/more values than the table's usual count."""
+    if stat is None:
+        return "–"
+    text = f"{stat.mean:.2f}" if math.isnan(stat.std) else f"{stat.mean:.2f} ± {stat.std:.2f}"
+    return text if stat.n == expected_n or not expected_n else f"{text} ({stat.n} {unit})"
+
+
+def csv_number(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+# -- tables --------------------------------------------------------------------------------------------
+
+@dataclass
+class Table:
+    """One paper table: Markdown cells and CSV records built side by side from the same numbers."""
+
+    protocol: str
+    kind: str  # base2new, fewshot or transfer
+    title: str
+    header: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    records: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def method_order(method: str) -> tuple[int, str]:
+    """Zero-shot and the published methods first, bias tuning last, unknown methods alphabetically."""
+    order = [normalise(label) for label in METHOD_LABELS.values()]
+    key = normalise(method)
+    return (order.index(key), "") if key in order else (len(order), key)
+
+
+def dataset_order(dataset: str) -> tuple[int, str]:
+    known = STANDARD_DATASETS + DG_TARGETS
+    return (known.index(dataset), "") if dataset in known else (len(known), dataset)
+
+
+def coverage_note(method: str, datasets: Iterable[str]) -> str | None:
+    """Say which of the 11 datasets an average lacks, so partial averages are not mistaken for the paper's."""
+    missing = [d for d in STANDARD_DATASETS if d not in set(datasets)]
+    if not missing:
+        return None
+    return f"{method}: average over {len(STANDARD_DATASETS) - len(missing)} of the 11 datasets (missing: {', '.join(missing)})"
+
+
+def group(runs: Iterable[RunResult], key: Callable[[RunResult], tuple]) -> dict[tuple, list[RunResult]]:
+    groups: dict[tuple, list[RunResult]] = defaultdict(list)
+    for run in runs:
+        groups[key(run)].append(run)
+    return groups
+
+
+def seeds_text(runs: Sequence[RunResult]) -> str:
+    return ",".join(str(s) for s in sorted(r.seed for r in runs))
+
+
+@dataclass(frozen=True)
+class BaseNewStats:
+    """Base-to-novel summary of one method on one dataset (or averaged over datasets)."""
+
+    base: Stat
+    new: Stat
+    hm: float  # HM of base.mean and new.mean
+    hm_seeds: Stat | None  # mean ± std of the per-seed HM (None for average rows)
+
+
+def base_new_stats(runs: Sequence[RunResult], ddof: int) -> BaseNewStats:
+    pairs = [run.base_new for run in runs]
+    base = summarize([b for b, _ in pairs], ddof)
+    new = summarize([n for _, n in pairs], ddof)
+    return BaseNewStats(base, new, harmonic_mean(base.mean, new.mean),
+                        summarize([harmonic_mean(b, n) for b, n in pairs], ddof))
+
+
+def average_base_new(per_dataset: Sequence[BaseNewStats]) -> BaseNewStats:
+    """Average row: mean over datasets of the seed means, then HM of those averages (not mean of HMs)."""
+    base = mean_only([s.base.mean for s in per_dataset])
+    new = mean_only([s.new.mean for s in per_dataset])
+    return BaseNewStats(base, new, harmonic_mean(base.mean, new.mean), None)
+
+
+BASE_NEW_HEADER = ["method", "dataset", "seeds", "base", "novel", "HM", "HM per seed"]
+
+
+def base_new_row(table: Table, method: str, dataset: str, seeds: str, stats: BaseNewStats, n_seeds: int) -> None:
+    """Append one of our rows (Markdown cells + CSV record); average rows have no per-seed HM."""
+    average = stats.hm_seeds is None
+    unit, expected = ("datasets", stats.base.n) if average else ("seeds", n_seeds)
+    label = f"average of {stats.base.n}" if average else dataset
+    table.rows.append([method, label, seeds, format_stat(stats.base, expected, unit),
+                       format_stat(stats.new, expected, unit), f"{stats.hm:.2f}", format_stat(stats.hm_seeds)])
+    table.records.append({
+        "source": "ours", "method": method, "dataset": dataset, "seeds": seeds,
+        "n": str(stats.base.n), "n_of": unit,
+        "base_mean": csv_number(stats.base.mean), "base_std": csv_number(stats.base.std),
+        "new_mean": csv_number(stats.new.mean), "new_std": csv_number(stats.new.std), "hm": csv_number(stats.hm),
+        "hm_seed_mean": csv_number(stats.hm_seeds.mean if stats.hm_seeds else None),
+        "hm_seed_std": csv_number(stats.hm_seeds.std if stats.hm_seeds else None),
+    })
+
+
+def published_row(table: Table, ref: Published) -> None:
+    dataset = "average of 11" if ref.dataset == "average" else ref.dataset
+    table.rows.append([f"{ref.method} (published)", dataset, "", f"{ref.base:.2f}", f"{ref.new:.2f}",
+                       f"{ref.hm:.2f}", ""])
+    table.records.append({"source": "published", "method": ref.method, "dataset": ref.dataset,
+                          "base_mean": f"{ref.base:.4f}", "new_mean": f"{ref.new:.4f}", "hm": f"{ref.hm:.4f}"})
+
+
+def base_new_table(protocol: str, runs: Sequence[RunResult], ddof: int) -> Table:
+    """Rows per dataset (ours then published), then each method's average row, then the published averages."""
+    table = Table(protocol, "base2new", f"{protocol}: base-to-novel (accuracy %)", BASE_NEW_HEADER)
+    cells = group(runs, lambda r: (r.method, r.dataset))
+    n_seeds = max(len(v) for v in cells.values())
+    datasets = sorted({r.dataset for r in runs}, key=dataset_order)
+    methods = sorted({r.method for r in runs}, key=method_order)
+    for dataset in datasets:
+        for method in methods:
+            if (method, dataset) in cells:
+                cell = cells[(method, dataset)]
+                base_new_row(table, method, dataset, seeds_text(cell), base_new_stats(cell, ddof), n_seeds)
+        for ref in PUBLISHED:
+            if ref.dataset == dataset:
+                published_row(table, ref)
+    for method in methods:
+        present = [d for d in datasets if (method, d) in cells]
+        stats = average_base_new([base_new_stats(cells[(method, d)], ddof) for d in present])
+        base_new_row(table, method, "average", "", stats, n_seeds)
+        table.notes.extend(filter(None, [coverage_note(method, present)]))
+    for ref in PUBLISHED:
+        if ref.dataset == "average":
+            published_row(table, ref)
+    table.notes.append("HM = HM of the seed-mean base and novel accuracies; average rows: HM of the "
+                       "dataset-averaged base and novel accuracies. Published: SPEC §7 (ViT-B/16, 16 shots).")
+    return table
+
+
+def accuracy_stats(runs: Sequence[RunResult], ddof: int) -> Stat:
+    return summarize([run.metrics["test/all/acc"] for run in runs], ddof)
+
+
+def accuracy_record(method: str, dataset: str, shots: int | None, stat: Stat, unit: str) -> dict[str, str]:
+    return {"source": "ours", "method": method, "dataset": dataset, "shots": "" if shots is None else str(shots),
+            "n": str(stat.n), "n_of": unit, "acc_mean": csv_number(stat.mean), "acc_std": csv_number(stat.std)}
+
+
+def fewshot_table(protocol: str, runs: Sequence[RunResult], ddof: int) -> Table:
+    """Rows method × dataset, one column per K, and an average row per method over its datasets."""
+    shots = sorted({r.shots for r in runs}, key=lambda k: -1 if k is None else k)
+    table = Table(protocol, "fewshot", f"{protocol}: accuracy per shots K (%)",
+                  ["method", "dataset", *(f"K={k}" for k in shots)])
+    cells = group(runs, lambda r: (r.method, r.dataset, r.shots))
+    n_seeds = max(len(v) for v in cells.values())
+    datasets = sorted({r.dataset for r in runs}, key=dataset_order)
+    for method in sorted({r.method for r in runs}, key=method_order):
+        present = [d for d in datasets if any((method, d, k) in cells for k in shots)]
+        per_k: dict[int | None, list[float]] = defaultdict(list)
+        for dataset in present:
+            row = [method, dataset]
+            for k in shots:
+                stat = accuracy_stats(cells[(method, dataset, k)], ddof) if (method, dataset, k) in cells else None
+                row.append(format_stat(stat, n_seeds))
+                if stat is not None:
+                    per_k[k].append(stat.mean)
+                    table.records.append(accuracy_record(method, dataset, k, stat, "seeds"))
+            table.rows.append(row)
+        averages = {k: mean_only(per_k[k]) for k in shots if per_k[k]}
+        table.rows.append([method, f"average of {len(present)}",
+                           *(format_stat(averages.get(k), len(present), "datasets") for k in shots)])
+        table.records.extend(accuracy_record(method, "average", k, s, "datasets") for k, s in averages.items())
+        table.notes.extend(filter(None, [coverage_note(method, present)]))
+    return table
+
+
+def transfer_table(protocol: str, runs: Sequence[RunResult], ddof: int) -> Table:
+    """Rows per method, the source dataset first, then each target, then the mean over targets."""
+    datasets = sorted({r.dataset for r in runs}, key=lambda d: (d != SOURCE_DATASET, dataset_order(d)))
+    targets = [d for d in datasets if d != SOURCE_DATASET]
+    header = ["method", *(f"{d} (source)" if d == SOURCE_DATASET else d for d in datasets),
+              f"average of {len(targets)} targets"]
+    table = Table(protocol, "transfer", f"{protocol}: accuracy per target dataset (%)", header)
+    cells = group(runs, lambda r: (r.method, r.dataset))
+    n_seeds = max(len(v) for v in cells.values())
+    for method in sorted({r.method for r in runs}, key=method_order):
+        stats = {d: accuracy_stats(cells[(method, d)], ddof) for d in datasets if (method, d) in cells}
+        target_means = [stats[d].mean for d in targets if d in stats]
+        average = mean_only(target_means) if target_means else None
+        table.rows.append([method, *(format_stat(stats.get(d), n_seeds) for d in datasets),
+                           format_stat(average, len(targets), "targets")])
+        table.records.extend(accuracy_record(method, d, cells[(method, d)][0].shots, s, "seeds")
+                             for d, s in stats.items())
+        if average is not None:
+            table.records.append(accuracy_record(method, "average_targets", None, average, "datasets"))
+    table.notes.append(f"The average excludes the source dataset ({SOURCE_DATASET}).")
+    return table
+
+
+def is_transfer(protocol: str) -> bool:
+    return protocol.startswith(TRANSFER_PROTOCOL_PREFIXES)
+
+
+def build_tables(runs: Sequence[RunResult], ddof: int = 1) -> list[Table]:
+    """One table per protocol label and kind of run (base/new runs vs all-class runs)."""
+    tables = []
+    for (protocol,), protocol_runs in sorted(group(runs, lambda r: (r.protocol,)).items()):
+        base_new = [r for r in protocol_runs if r.base_new is not None]
+        single = [r for r in protocol_runs if r.base_new is None]
+        if base_new:
+            tables.append(base_new_table(protocol, base_new, ddof))
+        if single:
+            tables.append((transfer_table if is_transfer(protocol) else fewshot_table)(protocol, single, ddof))
+    return tables
+
+
+# -- output --------------------------------------------------------------------------------------------
+
+def escape_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def table_markdown(table: Table) -> str:
+    lines = [f"## {table.title}", "", "| " + " | ".join(table.header) + " |",
+             "|" + "|".join("---" for _ in table.header) + "|"]
+    lines += ["| " + " | ".join(map(escape_cell, row)) + " |" for row in table.rows]
+    lines += [""] + [f"- {note}" for note in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(tables: Sequence[Table], problems: Sequence[str], std_label: str) -> str:
+    parts = ["# mmprompt report", "", f"Mean ± {std_label} std over seeds; accuracies in percent.", ""]
+    parts += [table_markdown(t) for t in tables]
+    if problems:
+        parts += ["## Skipped results (invalid)", ""] + [f"- {p}" for p in problems] + [""]
+    return "\n".join(parts)
+
+
+def write_csv(table: Table, path: Path) -> None:
+    columns = list(dict.fromkeys(k for record in table.records for k in record))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["protocol", *columns], restval="")
+        writer.writeheader()
+        writer.writerows({"protocol": table.protocol, **record} for record in table.records)
+
+
+def write_report(tables: Sequence[Table], markdown: str, out: Path, fmt: str) -> list[Path]:
+    """Write ``report.md`` and/or one ``<protocol>_<kind>.csv`` per table into ``out``; return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if fmt in ("markdown", "both"):
+        (out / "report.md").write_text(markdown)
+        written.append(out / "report.md")
+    if fmt in ("csv", "both"):
+        for table in tables:
+            path = out / f"{table.protocol}_{table.kind}.csv"
+            write_csv(table, path)
+            written.append(path)
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmprompt report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="run folders searched recursively for results.json")
+    parser.add_argument("--out", type=Path, help="output folder (default: <first folder>/report)")
+    parser.add_argument("--format", choices=("markdown", "csv", "both"), default="both", help="files to write")
+    parser.add_argument("--std", choices=("sample", "population"), default="sample",
+                        help="std over seeds: sample (ddof=1, default) or population (ddof=0)")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="report the valid runs and list invalid results.json files as warnings")
+    parser.add_argument("--quiet", action="store_true", help="do not print the Markdown")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mmprompt report``: 0 on success, 2 when the inputs are invalid (message on stderr)."""
+    args = build_parser().parse_args(argv)
+    try:
+        runs, problems = load_results(args.folders, skip_invalid=args.skip_invalid)
+    except ReportError as err:
+        print(f"mmprompt report: {err}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"mmprompt report: warning: skipped {problem}", file=sys.stderr)
+    tables = build_tables(runs, ddof=1 if args.std == "sample" else 0)
+    markdown = render_markdown(tables, problems, args.std)
+    if not args.quiet:
+        print(markdown)
+    first = args.folders[0]
+    out = args.out or (first.parent if first.is_file() else first) / "report"
+    for path in write_report(tables, markdown, out, args.format):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Run a whole protocol (methods × datasets × seeds [× shots]) and resume it after an interruption.
+
+``mmprompt sweep --protocol base2new --methods maple bias --datasets eurosat dtd --seeds 1 2 3
+--out_dir runs/base2new -- --trainer.devices 4 --trainer.strategy ddp``
+
+The plan is deterministic: every run has a fixed folder ``<out_dir>/<name>/<version>/`` (name
+``<Adapter>-<dataset>``, version ``seed<k>``, or ``<K>shots-seed<k>`` for the few-shot protocol), so
+re-running the same command finds what is already there:
+
+* ``results.json`` present: the run finished, it is skipped;
+* ``checkpoints/last.ckpt`` present but no results: the run was interrupted, it resumes with
+  ``--ckpt_path last``;
+* otherwise the run starts from scratch.
+
+Cross-dataset and domain generalisation train once per method and seed on the source (ImageNet) and
+then ``mmprompt test`` that run's ``checkpoints/last.ckpt`` on each target. Zero-shot runs are
+``mmprompt test`` runs without a checkpoint, planned for the first seed only (nothing in them depends
+on the seed). Everything after ``--`` is appended to every command, so it overrides the configs.
+
+``--dry-run`` prints the plan, ``--print-commands`` prints only the commands still to run (one per
+line, for a cluster scheduler), otherwise the commands run one after another and ``mmprompt report``
+summarises ``out_dir`` at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import report
+from .report import DG_TARGETS, METHOD_LABELS, RESULTS_FILE, SOURCE_DATASET, STANDARD_DATASETS
+
+#: default datasets (targets, for transfer protocols) and shots per protocol
+PROTOCOL_DATASETS: dict[str, tuple[str, ...]] = {
+    "base2new": STANDARD_DATASETS,
+    "fewshot": STANDARD_DATASETS,
+    "cross_dataset": tuple(d for d in STANDARD_DATASETS if d != SOURCE_DATASET),
+    "domain_generalization": DG_TARGETS,
+}
+PROTOCOL_SHOTS: dict[str, tuple[int, ...]] = {"fewshot": (1, 2, 4, 8, 16)}
+DEFAULT_SHOTS = (16,)
+DEFAULT_SEEDS = (1, 2, 3)
+ZERO_SHOT = "zero_shot"
+LAST_CKPT = Path("checkpoints") / "last.ckpt"
+
+#: runs one command (argv list) and returns its exit status; tests inject a fake
+Runner = Callable[[list[str]], int]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a sweep covers; ``protocol`` names ``configs/protocols/<protocol>.yaml``, ``label`` the results."""
+
+    protocol: str
+    methods: tuple[str, ...]
+    datasets: tuple[str, ...]
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    shots: tuple[int, ...] = DEFAULT_SHOTS
+    out_dir: Path = Path("runs")
+    configs: Path = Path("configs")
+    label: str = ""  # --protocol value written to results.json; defaults to protocol
+    source: str = SOURCE_DATASET
+    extra: tuple[str, ...] = ()
+    executable: str = "mmprompt"
+
+    @property
+    def results_label(self) -> str:
+        return self.label or self.protocol
+
+    @property
+    def transfer(self) -> bool:
+        """Train on the source once, test on every target (cross-dataset, domain generalisation)."""
+        return report.is_transfer(self.protocol)
+
+    @property
+    def shots_in_version(self) -> bool:
+        """Few-shot folders need K in their version, or runs with different K would share a folder."""
+        return self.protocol.startswith("fewshot") or len(self.shots) > 1
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One ``mmprompt fit``/``test`` invocation and the folder it owns."""
+
+    subcommand: str  # "fit" or "test"
+    method: str  # config stem
+    dataset: str  # config stem (the target for transfer tests)
+    seed: int
+    shots: int
+    name: str
+    version: str
+    out_dir: Path
+    trained_by: PlannedRun | None = None  # the fit whose last.ckpt this test evaluates
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out_dir / self.name / self.version
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / RESULTS_FILE).is_file()
+
+    @property
+    def interrupted(self) -> bool:
+        """A fit that saved a checkpoint but never wrote results: resume it instead of restarting."""
+        return self.subcommand == "fit" and not self.finished and (self.run_dir / LAST_CKPT).is_file()
+
+
+def method_label(method: str) -> str:
+    """Adapter class name used in run names (``maple`` -> ``MaPLe``), as the CLI's default name."""
+    return METHOD_LABELS.get(method, method)
+
+
+def make_run(config: SweepConfig, method: str, dataset: str, seed: int, shots: int,
+             trained_by: PlannedRun | None = None) -> PlannedRun:
+    """The deterministic folder of one run: ``<out_dir>/<Adapter>-<dataset>/[<K>shots-]seed<k>``."""
+    version = f"{shots}shots-seed{seed}" if config.shots_in_version else f"seed{seed}"
+    subcommand = "fit" if method != ZERO_SHOT and trained_by is None else "test"
+    return PlannedRun(subcommand, method, dataset, seed, shots, f"{method_label(method)}-{dataset}", version,
+                      config.out_dir, trained_by)
+
+
+def method_seeds(config: SweepConfig, method: str) -> tuple[int, ...]:
+    """Zero-shot CLIP has nothing seeded, so one seed suffices."""
+    return config.seeds[:1] if method == ZERO_SHOT else config.seeds
+
+
+def plan_sweep(config: SweepConfig) -> list[PlannedRun]:
+    """All runs in execution order (a transfer fit always precedes the tests of its checkpoint)."""
+    runs: list[PlannedRun] = []
+    for method in config.methods:
+        for shots in config.shots:
+            for seed in method_seeds(config, method):
+                if config.transfer:
+                    train = make_run(config, method, config.source, seed, shots)
+                    trained_by = None if method == ZERO_SHOT else train
+                    runs.append(train)
+                    runs += [make_run(config, method, d, seed, shots, trained_by) for d in config.datasets]
+                else:
+                    runs += [make_run(config, method, d, seed, shots) for d in config.datasets]
+    return runs
+
+
+def config_files(config: SweepConfig, run: PlannedRun) -> list[Path]:
+    return [config.configs / "protocols" / f"{config.protocol}.yaml",
+            config.configs / "methods" / f"{run.method}.yaml",
+            config.configs / "datasets" / f"{run.dataset}.yaml"]
+
+
+def build_command(config: SweepConfig, run: PlannedRun) -> list[str]:
+    """The one place that spells a run as ``mmprompt fit|test`` arguments (extra overrides last, so they win)."""
+    command = [config.executable, run.subcommand]
+    for path in config_files(config, run):
+        command += ["--config", str(path)]
+    command += ["--seed_everything", str(run.seed), "--data.seed", str(run.seed), "--data.shots", str(run.shots),
+                "--name", run.name, "--version", run.version, "--out_dir", str(run.out_dir),
+                "--protocol", config.results_label]
+    if run.trained_by is not None:
+        command += ["--ckpt_path", str(run.trained_by.run_dir / LAST_CKPT)]
+    elif run.interrupted:
+        command += ["--ckpt_path", "last"]
+    return command + list(config.extra)
+
+
+def missing_configs(config: SweepConfig, runs: Sequence[PlannedRun]) -> list[Path]:
+    needed = dict.fromkeys(path for run in runs for path in config_files(config, run))
+    return [path for path in needed if not path.is_file()]
+
+
+def run_state(run: PlannedRun) -> str:
+    """``done``, ``resume``, ``waiting`` (its training checkpoint is not finished yet) or ``new``."""
+    if run.finished:
+        return "done"
+    if run.interrupted:
+        return "resume"
+    if run.trained_by is not None and not run.trained_by.finished:
+        return "waiting"
+    return "new"
+
+
+def dry_run_lines(config: SweepConfig, runs: Sequence[PlannedRun]) -> list[str]:
+    """The plan as it would execute: finished runs as comments, every other run's command in order."""
+    return [f"# skip (finished): {run.run_dir}" if run_state(run) == "done" else shlex.join(build_command(config, run))
+            for run in runs]
+
+
+def pending_commands(config: SweepConfig, runs: Sequence[PlannedRun]) -> tuple[list[str], int]:
+    """Commands that can start now (new or resumed) and how many tests wait for a training run."""
+    states = [run_state(run) for run in runs]
+    lines = [shlex.join(build_command(config, run)) for run, s in zip(runs, states) if s in ("new", "resume")]
+    return lines, states.count("waiting")
+
+
+@dataclass
+class SweepSummary:
+    """What happened to each planned run (outcome -> run folders)."""
+
+    outcomes: dict[str, list[Path]] = field(default_factory=dict)
+
+    def add(self, outcome: str, run: PlannedRun) -> None:
+        self.outcomes.setdefault(outcome, []).append(run.run_dir)
+
+    @property
+    def ok(self) -> bool:
+        return not self.outcomes.get("failed") and not self.outcomes.get("blocked")
+
+    def text(self) -> str:
+        counts = Counter({k: len(v) for k, v in self.outcomes.items()})
+        lines = ["sweep: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))]
+        lines += [f"  {k}: {p}" for k in ("failed", "blocked") for p in self.outcomes.get(k, [])]
+        return "\n".join(lines)
+
+
+def execute(config: SweepConfig, runs: Sequence[PlannedRun], runner: Runner, keep_going: bool = False,
+            log: Callable[[str], None] = print) -> SweepSummary:
+    """Run every unfinished run in order; a zero exit without results.json counts as a failure.
+
+    Stops at the first failure unless ``keep_going``; tests of a failed training run are ``blocked``.
+    """
+    summary = SweepSummary()
+    for index, run in enumerate(runs):
+        state = run_state(run)
+        if state == "done":
+            summary.add("skipped", run)
+            continue
+        if state == "waiting":
+            log(f"blocked (no finished training run {run.trained_by.run_dir}): {run.run_dir}")
+            summary.add("blocked", run)
+            continue
+        command = build_command(config, run)
+        log(f"[{index + 1}/{len(runs)}] {shlex.join(command)}")
+        status = runner(command)
+        if status == 0 and run.finished:
+            summary.add("resumed" if state == "resume" else "ran", run)
+            continue
+        reason = f"exit status {status}" if status else f"exited 0 without {RESULTS_FILE}"
+        log(f"failed ({reason}): {run.run_dir}")
+        summary.add("failed", run)
+        if not keep_going:
+            break
+    return summary
+
+
+def subprocess_runner(command: list[str]) -> int:
+    """Run a command with the terminal attached; ``mmprompt`` resolves to this environment's script."""
+    local = Path(sys.executable).with_name(command[0])
+    argv = [str(local), *command[1:]] if command[0] == "mmprompt" and local.is_file() else command
+    return subprocess.run(argv, check=False).returncode
+
+
+def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Sweep options before ``--``, pass-through CLI overrides after it."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmprompt sweep", usage="mmprompt sweep --protocol P --methods M [M ...] [options] [-- CLI overrides]",
+        description=__doc__.split("\n\n")[0])
+    parser.add_argument("--protocol", required=True, help="configs/protocols/<protocol>.yaml (base2new, fewshot, "
+                        "cross_dataset, domain_generalization or your own)")
+    parser.add_argument("--methods", nargs="+", required=True, help="configs/methods/<method>.yaml stems, e.g. maple bias")
+    parser.add_argument("--datasets", nargs="+", help="dataset config stems (targets for transfer protocols); "
+                        "default: the protocol's standard list")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
+    parser.add_argument("--shots", nargs="+", type=int, help="K values; default 1 2 4 8 16 for fewshot, else 16")
+    parser.add_argument("--out_dir", type=Path, help="default runs/<label>")
+    parser.add_argument("--configs", type=Path, default=Path("configs"), help="folder holding protocols/ methods/ datasets/")
+    parser.add_argument("--label", default="", help="protocol label in results.json (default: --protocol)")
+    parser.add_argument("--source", default=SOURCE_DATASET, help="training dataset of transfer protocols")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the plan without running anything")
+    mode.add_argument("--print-commands", action="store_true", help="print only the commands that can start now")
+    parser.add_argument("--keep-going", action="store_true", help="continue after a failed run (default: stop)")
+    parser.add_argument("--no-report", action="store_true", help="skip `mmprompt report` at the end")
+    return parser
+
+
+def parse_config(argv: Sequence[str]) -> tuple[SweepConfig, argparse.Namespace]:
+    options, extra = split_extra(argv)
+    args = build_parser().parse_args(options)
+    label = args.label or args.protocol
+    config = SweepConfig(
+        protocol=args.protocol, methods=tuple(args.methods),
+        datasets=tuple(args.datasets or PROTOCOL_DATASETS.get(args.protocol, STANDARD_DATASETS)),
+        seeds=tuple(args.seeds), shots=tuple(args.shots or PROTOCOL_SHOTS.get(args.protocol, DEFAULT_SHOTS)),
+        out_dir=args.out_dir or Path("runs") / label, configs=args.configs, label=args.label, source=args.source,
+        extra=tuple(extra))
+    return config, args
+
+
+def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
+    """``mmprompt sweep``: 0 when every run finished, 1 on failed/blocked runs, 2 on bad inputs, 130 on Ctrl-C."""
+    config, args = parse_config(sys.argv[1:] if argv is None else argv)
+    runs = plan_sweep(config)
+    missing = missing_configs(config, runs)
+    if missing:
+        print("mmprompt sweep: missing config files:\n  " + "\n  ".join(map(str, missing)), file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print("\n".join(dry_run_lines(config, runs)))
+        return 0
+    if args.print_commands:
+        lines, waiting = pending_commands(config, runs)
+        print("\n".join(lines))
+        if waiting:
+            print(f"# {waiting} test runs wait for their training runs; print again once those finish",
+                  file=sys.stderr)
+        return 0
+    try:
+        summary = execute(config, runs, runner or subprocess_runner, keep_going=args.keep_going)
+    except KeyboardInterrupt:
+        print("mmprompt sweep: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(summary.text())
+    status = 0 if summary.ok else 1
+    if not args.no_report and any(run.finished for run in runs):
+        status = max(status, report.main([str(config.out_dir)]))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
