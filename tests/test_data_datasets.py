@@ -11,7 +11,7 @@ import torch
 from data_fakes import FAKES, make_fake
 from mmprompt.data import FewShotDataModule, get_spec
 from mmprompt.data.fewshot import class_subset
-from mmprompt.data.registry import ENSEMBLE_TEMPLATES, canonical_names
+from mmprompt.data.registry import canonical_names, ensemble_templates
 
 TEMPLATES = {
     "OxfordPets": "a photo of a {}, a type of pet.",
@@ -124,7 +124,7 @@ def test_ensemble_templates_are_the_80_clip_prompts(tmp_path):
     make_fake("DescribableTextures", tmp_path)
     cs = FewShotDataModule("dtd", root=str(tmp_path)).train_classes
     assert cs.template == "{} texture."
-    assert len(cs.ensemble_templates) == 80 == len(ENSEMBLE_TEMPLATES)
+    assert len(cs.ensemble_templates) == 80 == len(ensemble_templates())
     assert cs.ensemble_templates[0] == "a bad photo of a {}." and all("{}" in t for t in cs.ensemble_templates)
 
 

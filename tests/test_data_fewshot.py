@@ -126,3 +126,21 @@ def test_validate_stage_and_dataloader_before_setup(tmp_path):
         dm.val_dataloader()
     dm.setup("validate")
     assert len(dm.val_dataloader().dataset) == 3
+
+
+def test_another_process_draws_the_same_split(pool_root):
+    """What a second rank or machine does: a fresh interpreter with another hash seed, no cache."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json; from mmprompt.data.custom import resolve_spec; from mmprompt.data.fewshot import load_fewshot\n"
+        f"catalog = resolve_spec('custom', {str(pool_root / 'split.json')!r}).read_catalog('.')\n"
+        "print(json.dumps({k: [list(i) for i in v] for k, v in load_fewshot(catalog, 3, 5, None).items()}))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    here = module(pool_root, shots=3, seed=5).fewshot(write=False)
+    assert json.loads(out) == {k: [list(i) for i in v] for k, v in here.items()}
+    assert not (pool_root / "split_fewshot" / "split-shot_3-seed_5.json").exists()

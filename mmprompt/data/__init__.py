@@ -1,24 +1,40 @@
-"""Datasets in the CoOp protocol: registry, splits, few-shot sampling, masks, transforms, datamodule."""
+"""Datasets in the CoOp protocol: registry, splits, few-shot sampling, masks, transforms, datamodule.
 
-from .catalog import Catalog, Item
-from .custom import make_split, resolve_spec
-from .datamodule import FewShotDataModule
-from .masks import mask_to_patch_grid
-from .protocol import ClassSet, ProvidesClassSets
-from .registry import DatasetSpec, canonical_names, get_spec
-from .transforms import build_transform
+Names are imported lazily, so ``mmprompt.data.check`` or ``mmprompt.data.fewshot`` don't pay for
+importing Lightning.
+"""
 
-__all__ = [
-    "Catalog",
-    "ClassSet",
-    "DatasetSpec",
-    "FewShotDataModule",
-    "Item",
-    "ProvidesClassSets",
-    "build_transform",
-    "canonical_names",
-    "get_spec",
-    "make_split",
-    "mask_to_patch_grid",
-    "resolve_spec",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Catalog": "catalog",
+    "Item": "catalog",
+    "ClassSet": "protocol",
+    "ProvidesClassSets": "protocol",
+    "DatasetSpec": "registry",
+    "canonical_names": "registry",
+    "get_spec": "registry",
+    "make_split": "custom",
+    "resolve_spec": "custom",
+    "FewShotDataModule": "datamodule",
+    "mask_to_patch_grid": "masks",
+    "build_transform": "transforms",
+    "check_dataset": "check",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -19,7 +19,7 @@ from .custom import resolve_spec
 from .dataset import ItemDataset
 from .fewshot import SUBSAMPLES, cache_path, check_shots, class_subset, load_fewshot, relabel
 from .protocol import ClassSet
-from .registry import ENSEMBLE_TEMPLATES, DatasetSpec
+from .registry import DatasetSpec, ensemble_templates
 from .transforms import build_transform
 
 SubsampleName = Literal["all", "base", "new"]
@@ -93,7 +93,7 @@ class FewShotDataModule(L.LightningDataModule):
     def class_set(self, subsample: str) -> ClassSet:
         """Class names of ``subsample`` in relabelled order, with the dataset's templates."""
         names = tuple(self.catalog.classnames[i] for i in class_subset(len(self.catalog.classnames), subsample))
-        return ClassSet(subsample, names, self.spec.template, ENSEMBLE_TEMPLATES)
+        return ClassSet(subsample, names, self.spec.template, ensemble_templates())
 
     @property
     def train_classes(self) -> ClassSet:

@@ -7,11 +7,9 @@ Names are matched case-insensitively ignoring "-", "_" and spaces, so ``oxford_p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable
-
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from .catalog import Catalog
 from .masks import (
@@ -33,8 +31,15 @@ from .parsers import (
 )
 
 DEFAULT_TEMPLATE = "a photo of a {}."
-#: CLIP's 80 ImageNet prompts (open_clip keeps them as lambdas), as "{}" strings.
-ENSEMBLE_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+@lru_cache(maxsize=1)
+def ensemble_templates() -> tuple[str, ...]:
+    """CLIP's 80 ImageNet prompts (open_clip keeps them as lambdas) as "{}" strings; imported on
+    first use so reading a dataset tree doesn't import open_clip."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 EUROSAT_NAMES = {
     "AnnualCrop": "Annual Crop Land",
