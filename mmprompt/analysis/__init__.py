@@ -1,0 +1,33 @@
+"""Why prompts work: the prompt decomposition, attention statistics, overlays, route interventions
+and prompt analysis (SPEC §4). See docs/analysis.md."""
+
+from .decomposition import Decomposition, decompose, decompose_scores
+from .interventions import (
+    MODES, InterventionProbe, MeanBiasCollector, RouteIntervention, estimate_mean_bias, evaluate_interventions, main,
+)
+from .overlays import attention_maps, attention_rollout, compare_attention_overlays
+from .prompts import nearest_words, vision_prompt_similarity, write_prompt_analysis
+from .statistics import AttentionAccumulator, AttentionStatistics, StatisticsProbe, foreground_statistics
+
+__all__ = [
+    "MODES",
+    "AttentionAccumulator",
+    "AttentionStatistics",
+    "Decomposition",
+    "InterventionProbe",
+    "MeanBiasCollector",
+    "RouteIntervention",
+    "StatisticsProbe",
+    "attention_maps",
+    "attention_rollout",
+    "compare_attention_overlays",
+    "decompose",
+    "decompose_scores",
+    "estimate_mean_bias",
+    "evaluate_interventions",
+    "foreground_statistics",
+    "main",
+    "nearest_words",
+    "vision_prompt_similarity",
+    "write_prompt_analysis",
+]

@@ -1,0 +1,134 @@
+"""Small pieces every analysis shares: branches and layer ranges, probe installation, cross-rank
+sums, output folders and tables."""
+
+from __future__ import annotations
+
+import csv
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from ..attention import AttendFn, Tower
+
+Branch = Literal["text", "vision", "both"]
+LayerSpec = str | int | Sequence[int] | None
+ReduceFn = Callable[[Tensor], Tensor]
+TOWERS: tuple[Tower, ...] = ("text", "vision")
+
+
+def towers_of(branch: str) -> tuple[Tower, ...]:
+    """The towers a ``branch`` option names."""
+    if branch == "both":
+        return TOWERS
+    if branch in TOWERS:
+        return (branch,)  # type: ignore[return-value]
+    raise ValueError(f"branch must be 'text', 'vision' or 'both', got {branch!r}")
+
+
+def resolve_layers(layers: LayerSpec, depth: int, tower: str, option: str = "layers") -> frozenset[int]:
+    """Layer indices of one tower from ``None``/"all", an int, "a:b" (half-open), "a,b,c" or a list."""
+    if layers is None or layers == "all":
+        return frozenset(range(depth))
+    if isinstance(layers, int):
+        chosen = [layers]
+    elif isinstance(layers, str):
+        chosen = parse_layer_string(layers, depth, option)
+    else:
+        chosen = [int(layer) for layer in layers]
+    bad = [layer for layer in chosen if not 0 <= layer < depth]
+    if not chosen or bad:
+        raise ValueError(f"{option}={layers!r} is out of range: the {tower} tower has layers 0..{depth - 1}")
+    return frozenset(chosen)
+
+
+def parse_layer_string(text: str, depth: int, option: str) -> list[int]:
+    """"3", "0:9" (start defaults to 0, stop to depth) or "0,2,5"."""
+    try:
+        if ":" in text:
+            start, _, stop = text.partition(":")
+            first, last = int(start or 0), int(stop or depth)
+            if first >= last:
+                raise ValueError
+            return list(range(first, last))
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{option}={text!r} is not a layer range: use 'all', '3', '0:9' or '0,2,5'") from None
+
+
+@contextmanager
+def probe_installed(module, probe: AttendFn | None) -> Iterator[None]:
+    """Route every attention call of ``module`` through ``probe`` (and recompute text features)."""
+    previous = module.attention_probe
+    module.attention_probe = probe
+    module._text_cache.clear()
+    try:
+        yield
+    finally:
+        module.attention_probe = previous
+        module._text_cache.clear()
+
+
+def identity_reduce(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def trainer_sum(trainer) -> ReduceFn:
+    """Sum over ranks through the trainer's strategy (a no-op on one device)."""
+    return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
+
+
+def run_folder(trainer, output_dir: str | None) -> Path:
+    """Where results go: the configured folder, else the run's log folder, else its root folder."""
+    folder = Path(output_dir or trainer.log_dir or trainer.default_root_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def as_loader_list(loaders) -> list[DataLoader]:
+    if loaders is None:
+        return []
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+def fresh_loader(loader):
+    """A second, independent iterator over a DataLoader's batches (same sampler, so each rank keeps its
+    shard) that can run while Lightning's iterator over the original is open; other iterables as they are."""
+    if not isinstance(loader, DataLoader):
+        return loader
+    return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers)
+
+
+def format_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A GitHub Markdown table of ``rows`` (columns: the union of keys, in first-seen order)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_cell(row.get(column)) for column in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict], stem: Path) -> tuple[Path, Path]:
+    """``rows`` as ``<stem>.csv`` and ``<stem>.md``; returns both paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
+    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    md_path.write_text(markdown_table(rows), encoding="utf-8")
+    return csv_path, md_path
+
+
+def batch_to(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) if isinstance(value, Tensor) else value for key, value in batch.items()}
