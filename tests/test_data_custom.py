@@ -37,6 +37,8 @@ def test_make_split_is_seeded_and_proportional(tree):
     # labels follow the sorted folder names; paths are relative to the root
     assert {row[2]: row[1] for row in split["test"]} == {"coyote": 0, "dingo": 1, "grey wolf": 2, "red_fox": 3}
     assert all((tree / row[0]).is_file() for rows in split.values() for row in rows)
+    FewShotDataModule("custom", split_file=str(tree / "split.json"), shots=1).prepare_data()
+    assert (tree / "split_fewshot").is_dir()  # the cache sits beside the classes and is not one
     assert make_split(tree, tree / "again.json", (0.5, 0.2, 0.3), seed=7) == split
     assert make_split(tree, tree / "other.json", (0.5, 0.2, 0.3), seed=8) != split
 

@@ -54,6 +54,13 @@ def test_datamodule_loads_every_dataset_with_its_masks(name, tmp_path):
         assert len(dm.datasets["val"][0]) == per_class_val * n
         batch = next(iter(dm.train_dataloader()))
         assert batch["image"].shape == (4, 3, 16, 16) and batch["mask"].shape == (4, 16, 16)
+        cache = dm.spec.dataset_dir(tmp_path) / "split_fewshot" / "shot_2-seed_1.json"
+        again = FewShotDataModule(name, root=str(tmp_path), shots=2)
+        assert cache.is_file() and again.fewshot() == dm.fewshot()
+        assert json.loads(cache.read_text())["train"] == [[it.path, it.label, fake.classnames[it.label]]
+                                                          for it in dm.fewshot()["train"]]
+    assert dm.class_set("base").classnames == tuple(fake.classnames[: (n + 1) // 2])
+    assert dm.class_set("new").classnames == tuple(fake.classnames[(n + 1) // 2 :])
     dm.setup("test")
     test_ds = dm.datasets["test"][0]
     assert len(test_ds) == fake.sizes["test"]

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from .catalog import SPLITS, list_dirs, list_files, write_json_atomic
+from .fewshot import FEWSHOT_DIR
 from .masks import ParallelMaskFolder
 from .parsers import IMAGE_EXTENSIONS, parse_zhou_split
 from .registry import DEFAULT_TEMPLATE, DatasetSpec, get_spec, normalise_name
@@ -58,7 +59,7 @@ def make_split(
     root: str | Path, output: str | Path | None = None, ratios: tuple[float, float, float] = DEFAULT_RATIOS, seed: int = 1
 ) -> dict[str, list[list]]:
     """Write (and return) a split file for ``<root>/<class>/<image>``: classes are the sorted folder
-    names (label = position), each class's sorted images shuffled by ``random.Random(seed)`` and cut
+    names except ``split_fewshot`` (label = position), each class's sorted images shuffled by ``random.Random(seed)`` and cut
     by ``ratios`` (train, val, test). Paths are relative to ``root``; ``output`` defaults to
     ``<root>/split.json``."""
     root = Path(root)
@@ -66,7 +67,7 @@ def make_split(
         raise FileNotFoundError(f"image folder not found: {root}; expected <root>/<class>/<image>")
     if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6:
         raise ValueError(f"ratios must be three non-negative numbers (train, val, test) summing to 1; got {ratios}")
-    classes = list_dirs(root)
+    classes = [name for name in list_dirs(root) if name != FEWSHOT_DIR]  # the cache may live beside the classes
     if not classes:
         raise ValueError(f"no class folders in {root}; expected <root>/<class>/<image>")
     rng = random.Random(seed)

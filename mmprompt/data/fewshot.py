@@ -23,6 +23,7 @@ Subsample = Literal["all", "base", "new"]
 SUBSAMPLES = ("all", "base", "new")
 VAL_SHOTS_CAP = 4
 CACHE_VERSION = 1
+FEWSHOT_DIR = "split_fewshot"
 
 
 def check_shots(shots: int | None) -> int | None:
@@ -64,7 +65,7 @@ def fingerprint(catalog: Catalog) -> str:
 
 def cache_path(cache_dir: Path, shots: int | None, seed: int, prefix: str = "") -> Path:
     """``<cache_dir>/split_fewshot/<prefix>shot_<K>-seed_<seed>.json`` (CoOp's naming, JSON)."""
-    return cache_dir / "split_fewshot" / f"{prefix}shot_{shots}-seed_{seed}.json"
+    return cache_dir / FEWSHOT_DIR / f"{prefix}shot_{shots}-seed_{seed}.json"
 
 
 def encode(catalog: Catalog, subset: dict[str, list[Item]], shots: int, seed: int) -> dict:
