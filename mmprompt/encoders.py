@@ -88,11 +88,25 @@ def run_block(
     site: AttentionSite,
     attn_bias: Tensor | None = None,
     mlp_bias: Tensor | None = None,
+    query_rows: Tensor | None = None,
 ) -> Tensor:
-    """open_clip's block forward, with attention done by ``attend`` and optional additive biases."""
+    """open_clip's block forward, with attention done by ``attend`` and optional additive biases.
+
+    ``query_rows`` (N,) keeps one row per sequence (the pooled token): keys and values still come
+    from the whole sequence, but only that row is updated, and (N, 1, width) is returned. Exact for
+    the last block, whose other rows are never read.
+    """
+    if query_rows is not None:
+        return _run_block_rows(block, x, attn_mask, attend, site, attn_bias, mlp_bias, query_rows)
     attn = block.attn
     q, k, v = project_qkv(attn, block.ln_1(x))
     out = F.linear(merge_heads(attend(q, k, v, attn_mask, site)), attn.out_proj.weight, attn.out_proj.bias)
+    return _finish_block(block, x, out, attn_bias, mlp_bias)
+
+
+def _finish_block(block: ResidualAttentionBlock, x: Tensor, out: Tensor, attn_bias: Tensor | None,
+                  mlp_bias: Tensor | None) -> Tensor:
+    """Residual updates after the attention output ``out``: layer scale, biases, MLP."""
     update = block.ls_1(out)
     if attn_bias is not None:
         update = update + attn_bias
@@ -101,6 +115,33 @@ def run_block(
     if mlp_bias is not None:
         update = update + mlp_bias
     return x + update
+
+
+def _run_block_rows(
+    block: ResidualAttentionBlock,
+    x: Tensor,
+    attn_mask: Tensor | None,
+    attend: AttendFn,
+    site: AttentionSite,
+    attn_bias: Tensor | None,
+    mlp_bias: Tensor | None,
+    query_rows: Tensor,
+) -> Tensor:
+    """`run_block` for one query row per sequence: skips q, out-projection and MLP of the other rows."""
+    attn = block.attn
+    n, length, width = x.shape
+    heads = attn.num_heads
+    batch = torch.arange(n, device=x.device)
+    h = block.ln_1(x)
+    rows = x[batch, query_rows].unsqueeze(1)  # (N, 1, width)
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    q = F.linear(h[batch, query_rows].unsqueeze(1), weight[:width], bias[:width] if bias is not None else None)
+    kv = F.linear(h, weight[width:], bias[width:] if bias is not None else None)
+    kv = kv.view(n, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+    q = q.view(n, 1, heads, width // heads).transpose(1, 2)
+    mask = attn_mask[query_rows].view(n, 1, 1, length) if attn_mask is not None else None
+    out = F.linear(merge_heads(attend(q, kv[0], kv[1], mask, site)), attn.out_proj.weight, attn.out_proj.bias)
+    return _finish_block(block, rows, out, attn_bias, mlp_bias)
 
 
 def _replace_slots(x: Tensor, prompt: Tensor, start: int) -> Tensor:
@@ -118,13 +159,17 @@ def _run_blocks(
     attend: AttendFn,
     make_site,
     prompt_start: int,
+    last_rows: Tensor | None = None,
 ) -> Tensor:
+    """All blocks; with ``last_rows`` the last block updates only those rows (see `run_block`)."""
+    last = len(blocks) - 1
     for index, block in enumerate(blocks):
         if index > 0 and index in injection.prompts:
             x = _replace_slots(x, injection.prompts[index], prompt_start)
         x = run_block(
             block, x, attn_mask, attend, make_site(index),
             injection.attn_bias.get(index), injection.mlp_bias.get(index),
+            query_rows=last_rows if index == last else None,
         )
     return x
 
@@ -159,8 +204,13 @@ def encode_image(
     images: Tensor,
     injection: Injection = NO_INJECTION,
     attend: AttendFn = fused_attention,
+    pooled_only: bool = False,
 ) -> Tensor:
-    """Image features (N, embed_dim), unnormalised, with ``injection`` applied."""
+    """Image features (N, embed_dim), unnormalised, with ``injection`` applied.
+
+    ``pooled_only`` runs the last block for the [cls] row only (exact with token pooling; ignored
+    with average pooling); leave it off when ``attend`` must see every row of the last layer.
+    """
     visual = clip.visual
     blocks = visual.transformer.resblocks
     injection.check("vision", len(blocks))
@@ -175,7 +225,10 @@ def encode_image(
     def make_site(layer: int) -> AttentionSite:
         return AttentionSite("vision", layer, x.shape[1], prompt_positions, num_patches=num_patches)
 
-    x = _run_blocks(blocks, x, None, injection, attend, make_site, prompt_start=1 + num_patches)
+    last_rows = None
+    if pooled_only and visual.pool_type == "tok":
+        last_rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    x = _run_blocks(blocks, x, None, injection, attend, make_site, 1 + num_patches, last_rows)
     return pool_image(visual, x, num_patches)
 
 
@@ -203,6 +256,30 @@ class TokenizedPrompts:
         length = int(eot.max()) + 1
         return TokenizedPrompts(ids[:, :length], self.embeddings[start:stop, :length], eot)
 
+    def select(self, index: Tensor) -> "TokenizedPrompts":
+        """The prompts at ``index``, cut after their own longest EOT."""
+        eot = self.eot_positions[index]
+        length = int(eot.max()) + 1
+        return TokenizedPrompts(self.token_ids[index, :length], self.embeddings[index, :length], eot)
+
+
+def length_buckets(eot_positions: Tensor, chunk_size: int | None = None, min_size: int = 16) -> list[Tensor]:
+    """Prompt indices grouped by length (sorted by EOT), so each group runs with little padding.
+
+    A bucket closes once it holds ``min_size`` prompts and the length changes (few small passes),
+    or when it reaches ``chunk_size`` (bounded memory). Every index appears exactly once.
+    """
+    order = torch.argsort(eot_positions.cpu(), stable=True)
+    lengths = eot_positions.cpu()[order].tolist()
+    limit = chunk_size or len(lengths)
+    buckets, start = [], 0
+    for position in range(1, len(lengths) + 1):
+        size = position - start
+        if position == len(lengths) or size >= limit or (size >= min_size and lengths[position] != lengths[position - 1]):
+            buckets.append(order[start:position].to(eot_positions.device))
+            start = position
+    return buckets
+
 
 @torch.no_grad()
 def tokenize_prompts(clip: nn.Module, tokenizer, texts: list[str], truncate: bool = True) -> TokenizedPrompts:
@@ -214,7 +291,8 @@ def tokenize_prompts(clip: nn.Module, tokenizer, texts: list[str], truncate: boo
     return TokenizedPrompts(token_ids, clip.token_embedding(token_ids), eot)
 
 
-def _encode_text_chunk(clip: nn.Module, prompts: TokenizedPrompts, injection: Injection, attend: AttendFn) -> Tensor:
+def _encode_text_chunk(clip: nn.Module, prompts: TokenizedPrompts, injection: Injection, attend: AttendFn,
+                       pooled_only: bool = False) -> Tensor:
     cast_dtype = clip.transformer.get_cast_dtype()
     x = prompts.embeddings.to(cast_dtype)
     num_classes, length, width = x.shape
@@ -240,9 +318,10 @@ def _encode_text_chunk(clip: nn.Module, prompts: TokenizedPrompts, injection: In
     def make_site(layer: int) -> AttentionSite:
         return AttentionSite("text", layer, length, prompt_positions, eot_positions=eot)
 
-    x = _run_blocks(clip.transformer.resblocks, x, attn_mask, injection, attend, make_site, prompt_start=1)
+    x = _run_blocks(clip.transformer.resblocks, x, attn_mask, injection, attend, make_site, 1,
+                    eot if pooled_only else None)
     x = clip.ln_final(x)
-    pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+    pooled = x[:, 0] if pooled_only else x[torch.arange(x.shape[0], device=x.device), eot]
     if isinstance(clip.text_projection, nn.Linear):
         pooled = clip.text_projection(pooled)
     elif clip.text_projection is not None:
@@ -256,17 +335,27 @@ def encode_text(
     injection: Injection = NO_INJECTION,
     attend: AttendFn = fused_attention,
     chunk_size: int | None = None,
+    bucket_by_length: bool = False,
+    pooled_only: bool = False,
 ) -> Tensor:
     """Text features (C, embed_dim), or (G, C, embed_dim) for per-group context; unnormalised.
 
     ``chunk_size`` bounds memory by encoding that many classes per pass (each chunk is cut to its
-    own longest prompt); the result equals the single pass.
+    own longest prompt); the result equals the single pass. ``bucket_by_length`` groups prompts
+    of similar length (`length_buckets`) so short class names don't pay for the longest one;
+    ``pooled_only`` runs the last block for the EOT rows only. Both are exact; leave them off
+    when ``attend`` records or changes attention and expects the plain call pattern.
     """
     injection.check("text", len(clip.transformer.resblocks))
+    if bucket_by_length:
+        buckets = length_buckets(prompts.eot_positions, chunk_size)
+        parts = [_encode_text_chunk(clip, prompts.select(index), injection, attend, pooled_only) for index in buckets]
+        restore = torch.argsort(torch.cat(buckets))
+        return torch.cat(parts, dim=-2).index_select(-2, restore)
     if not chunk_size or chunk_size >= len(prompts):
-        return _encode_text_chunk(clip, prompts, injection, attend)
+        return _encode_text_chunk(clip, prompts, injection, attend, pooled_only)
     parts = [
-        _encode_text_chunk(clip, prompts.chunk(start, start + chunk_size), injection, attend)
+        _encode_text_chunk(clip, prompts.chunk(start, start + chunk_size), injection, attend, pooled_only)
         for start in range(0, len(prompts), chunk_size)
     ]
     return torch.cat(parts, dim=-2)

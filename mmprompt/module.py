@@ -58,6 +58,10 @@ class PromptCLIPModule(L.LightningModule):
         cache_text_features: compute text features once per evaluation (and once per run when the
             text side is frozen); false recomputes them for every batch, as the research code does.
         truncate_text: run the text tower only up to the longest prompt's EOT (exact).
+        bucket_text: encode prompts in groups of similar length, each cut to its own longest EOT
+            (exact; needs ``truncate_text``). Off while an attention probe is set.
+        prune_last_layer: run each tower's last block for the pooled token only (exact). Off while
+            an attention probe is set or with ``attention="explicit"``.
     """
 
     strict_loading = False  # the checkpoint holds only adapter tensors; load_state_dict checks them
@@ -79,6 +83,8 @@ class PromptCLIPModule(L.LightningModule):
         attention: Literal["fused", "explicit"] = "fused",
         cache_text_features: bool = True,
         truncate_text: bool = True,
+        bucket_text: bool = True,
+        prune_last_layer: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["adapter", "optimizer"])
@@ -119,6 +125,19 @@ class PromptCLIPModule(L.LightningModule):
             return self.attention_probe
         return fused_attention if self.hparams.attention == "fused" else softmax_attention
 
+    @property
+    def _plain_fused(self) -> bool:
+        """True when no probe needs the plain call pattern, so the exact shortcuts may run."""
+        return self.attention_probe is None and self.hparams.attention == "fused"
+
+    @property
+    def _pooled_only(self) -> bool:
+        return self._plain_fused and self.hparams.get("prune_last_layer", True)
+
+    @property
+    def _bucket_text(self) -> bool:
+        return self._plain_fused and self.hparams.truncate_text and self.hparams.get("bucket_text", True)
+
     # ------------------------------------------------------------------ class sets
 
     def set_class_sets(self, train: ClassSet | None = None, validate: list[ClassSet] | None = None,
@@ -138,6 +157,7 @@ class PromptCLIPModule(L.LightningModule):
         return self._class_sets[stage]
 
     def setup(self, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn enum: "TrainerFn.TESTING" in f-strings
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if isinstance(datamodule, ProvidesClassSets):
             self._check_image_size(datamodule)
@@ -182,7 +202,8 @@ class PromptCLIPModule(L.LightningModule):
         """Normalised text features (C, D), or (B, C, D) for image-conditioned adapters."""
         prompts, num_templates = self.prompts_for(classes)
         features = encode_text(self.clip, prompts, self.adapter.text_injection(image_features), self.attend,
-                               self.hparams.text_chunk_size)
+                               self.hparams.text_chunk_size, bucket_by_length=self._bucket_text,
+                               pooled_only=self._pooled_only)
         features = F.normalize(features.float(), dim=-1)
         if num_templates > 1:  # template ensemble: mean of normalised features, renormalised
             features = F.normalize(features.unflatten(-2, (num_templates, -1)).mean(dim=-3), dim=-1)
@@ -200,7 +221,8 @@ class PromptCLIPModule(L.LightningModule):
         return self._text_cache[classes]
 
     def image_features(self, images: Tensor) -> Tensor:
-        features = encode_image(self.clip, images, self.adapter.vision_injection(), self.attend)
+        features = encode_image(self.clip, images, self.adapter.vision_injection(), self.attend,
+                                pooled_only=self._pooled_only)
         return F.normalize(features.float(), dim=-1)
 
     def forward(self, images: Tensor, classes: ClassSet) -> Tensor:
