@@ -1,9 +1,11 @@
 """Built-in synthetic data in the CoOp on-disk layout, so the demo and the tests run with no download.
 
-Ten classes, each a distinct shape AND colour ("circle" is red, "square" green, ...), drawn at a
-random position, size and rotation on a varied background, with the exact foreground mask saved
-beside each image. ``synthetic-shifted`` uses other background families and a colour cast, so a
-model adapted on ``synthetic`` has a domain shift to be tested on.
+Ten classes, each a distinct shape AND colour ("circle" is red, "square" green, ...), drawn large
+(so even a random-weight tiny CLIP's pooled feature carries the class) at a random position, size
+and rotation on a low-saturation noise/gradient/stripe background, with the exact foreground mask
+saved beside each image. ``synthetic-shifted`` uses other background families (checkerboards,
+blobs), saturated background colours and a colour cast on the objects, so a model adapted on
+``synthetic`` has a domain shift to be tested on.
 
 Generation is deterministic (one numpy RNG per image, seeded by variant, class and index) and atomic
 (built in a hidden temporary folder under the root, then renamed), so concurrent ranks never see
@@ -23,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 96
+OBJECT_RADIUS = (0.25, 0.4)  # fraction of the image side
 SPLIT_SIZES = {"train": 20, "val": 8, "test": 20}
 
 #: class name → (RGB colour, shape drawer name); shapes and colours are both distinct per class.
@@ -42,11 +45,13 @@ CLASSES: dict[str, tuple[tuple[int, int, int], str]] = {
 
 @dataclass(frozen=True)
 class SyntheticVariant:
-    """One synthetic dataset: its folder, split-file name, background families and colour cast."""
+    """One synthetic dataset: its folder, split-file name, background families, background colour
+    spread (``chroma``: std of the colour around a grey level) and object colour cast."""
 
     folder: str
     split_name: str
     backgrounds: tuple[str, ...]
+    chroma: float
     colour_gain: tuple[float, float, float]
     seed: int
 
@@ -56,8 +61,8 @@ class SyntheticVariant:
 
 
 SYNTHETIC_VARIANTS = (
-    SyntheticVariant("synthetic", "Synthetic", ("noise", "gradient", "stripes"), (1.0, 1.0, 1.0), 0),
-    SyntheticVariant("synthetic-shifted", "SyntheticShifted", ("checker", "blobs"), (0.75, 0.9, 1.15), 1),
+    SyntheticVariant("synthetic", "Synthetic", ("noise", "gradient", "stripes"), 12.0, (1.0, 1.0, 1.0), 0),
+    SyntheticVariant("synthetic-shifted", "SyntheticShifted", ("checker", "blobs"), 50.0, (0.75, 0.9, 1.15), 1),
 )
 
 
@@ -104,10 +109,15 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         raise ValueError(f"unknown synthetic shape {shape!r}")
 
 
-def background(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
+def background_colour(rng: np.random.Generator, chroma: float) -> np.ndarray:
+    """A grey level plus a colour deviation of std ``chroma`` (0 = grey)."""
+    return rng.uniform(40, 200) + rng.normal(0, chroma, 3)
+
+
+def background(kind: str, rng: np.random.Generator, size: int, chroma: float) -> np.ndarray:
     """A (size, size, 3) float background in [0, 255] of the given family."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    c1, c2 = rng.uniform(40, 200, 3), rng.uniform(40, 200, 3)
+    c1, c2 = background_colour(rng, chroma), background_colour(rng, chroma)
     if kind == "noise":
         return c1 + rng.normal(0, 25, (size, size, 3))
     if kind == "gradient":
@@ -125,7 +135,7 @@ def background(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
         out = np.broadcast_to(c1, (size, size, 3)).copy()
         for _ in range(6):
             bx, by, br = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.3)
-            out[(xx - bx) ** 2 + (yy - by) ** 2 < br**2] = rng.uniform(40, 200, 3)
+            out[(xx - bx) ** 2 + (yy - by) ** 2 < br**2] = background_colour(rng, chroma)
         return out
     raise ValueError(f"unknown background {kind!r}")
 
@@ -135,12 +145,12 @@ def render(variant: SyntheticVariant, class_index: int, index: int) -> tuple[Ima
     rng = np.random.default_rng([variant.seed, class_index, index])
     colour, shape = list(CLASSES.values())[class_index]
     size = IMAGE_SIZE
-    r = rng.uniform(0.16, 0.32) * size
+    r = rng.uniform(*OBJECT_RADIUS) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     canvas = Image.new("L", (size, size), 0)
     draw_shape(ImageDraw.Draw(canvas), shape, cx, cy, r, rng.uniform(0, 2 * math.pi))
     mask = np.asarray(canvas, dtype=bool)
-    bg = background(variant.backgrounds[int(rng.integers(len(variant.backgrounds)))], rng, size)
+    bg = background(variant.backgrounds[int(rng.integers(len(variant.backgrounds)))], rng, size, variant.chroma)
     fg = np.asarray(colour, dtype=np.float32) * np.asarray(variant.colour_gain) + rng.normal(0, 8, (size, size, 3))
     pixels = np.clip(np.where(mask[..., None], fg, bg), 0, 255).astype(np.uint8)
     return Image.fromarray(pixels, "RGB"), Image.fromarray(mask.astype(np.uint8) * 255, "L")
