@@ -200,7 +200,8 @@ class RouteIntervention(L.Callback):
         layers: layer range: "all", one index, "a:b" (half-open) or a list; checked per tower.
         mean_over: mean_bias only: β̄ averaged over "tokens_and_samples" (a dataset constant per
             layer and head) or over "samples" only (one vector per position).
-        mean_batches: mean_bias only: batches per test dataloader in the first pass (null: all).
+        mean_batches: mean_bias only: batches per test dataloader in the first pass (null: as many
+            as the test runs, i.e. ``limit_test_batches``).
     """
 
     def __init__(self, mode: Mode = "full", branch: Branch = "both", layers: str | int | list[int] | None = "all",
@@ -216,9 +217,15 @@ class RouteIntervention(L.Callback):
         probe = InterventionProbe(self.mode, targets)
         if self.mode == "mean_bias":
             probe.mean_bias = estimate_mean_bias(pl_module, trainer.test_dataloaders, targets, self.mean_over,
-                                                 self.mean_batches, trainer_sum(trainer))
+                                                 self.first_pass_batches(trainer), trainer_sum(trainer))
         self._installed = probe_installed(pl_module, probe)
         self._installed.__enter__()
+
+    def first_pass_batches(self, trainer: L.Trainer) -> int | None:
+        if self.mean_batches is not None:
+            return self.mean_batches
+        limits = [n for n in trainer.num_test_batches if n != float("inf")]
+        return int(max(limits)) if limits else None
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._installed is not None:
@@ -292,8 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None, help="folder for interventions.csv/.md (default: config's folder)")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", default="auto")
-    parser.add_argument("--limit_test_batches", type=float, default=None)
+    parser.add_argument("--limit_test_batches", type=batch_limit, default=None,
+                        help="an int (batches per dataloader) or a float fraction, as in lightning.Trainer")
     return parser
+
+
+def batch_limit(text: str) -> int | float:
+    """Lightning's meaning: "2" is two batches, "0.5" half of them (so "1" must stay an int)."""
+    return int(text) if text.isdigit() else float(text)
 
 
 def load_run(config_path: str | Path, ckpt_path: str | None = None):
