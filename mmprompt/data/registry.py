@@ -93,7 +93,8 @@ class DatasetSpec:
 
 
 def zhou_layout(folder: str, image_dir: str, split_file: str, extra: str = "") -> str:
-    return f"<root>/{folder}/\n  {image_dir}/...\n  {split_file}\n{extra}"
+    images = f"  {image_dir}/...\n" if image_dir else ""
+    return f"<root>/{folder}/\n{images}  {split_file}\n{extra}"
 
 
 def zhou(name: str, folder: str, image_dir: str, template: str = DEFAULT_TEMPLATE, extra_layout: str = "",
