@@ -134,18 +134,17 @@ def test_interventions_main_reads_a_run_config_and_checkpoint(data_root, tmp_pat
     config = {
         "model": {"adapter": {"class_path": "mmprompt.adapters.MaPLe", "init_args": {"depth": 2}},
                   "model_name": "mmprompt-tiny", "pretrained": None},
-        "data": {"dataset": "synthetic", "root": data_root, "shots": 1, "image_size": 64, "eval_batch_size": 50},
+        "data": {"dataset": "synthetic", "root": data_root, "shots": 1, "eval_batch_size": 50},  # image_size: linked
         "trainer": {"max_epochs": 1},
+        "seed_everything": 3,  # rebuilds the same random-weight backbone (checkpoints hold the adapter only)
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    torch.manual_seed(3)  # the same random-weight backbone as `module` (checkpoints hold the adapter only)
     table = main(["--config", str(tmp_path / "config.yaml"), "--ckpt_path", str(checkpoint), "--modes", "full",
                   "bias_only", "--branch", "vision", "--layers", "1", "--accelerator", "cpu",
                   "--limit_test_batches", "1"])
     expected = L.Trainer(**{**TRAINER, "limit_test_batches": 1}).test(
-        module, datamodule=FewShotDataModule(**config["data"]), verbose=False)[0]
+        module, datamodule=FewShotDataModule(**config["data"], image_size=64), verbose=False)[0]
     assert table["full"]["test/all/acc"] == pytest.approx(expected["test/all/acc"])
-    torch.manual_seed(3)
     untrained = main(["--config", str(tmp_path / "config.yaml"), "--modes", "full", "--accelerator", "cpu",
                       "--limit_test_batches", "1", "--output_dir", str(tmp_path / "untrained")])
     assert untrained["full"]["test/all/acc"] != pytest.approx(expected["test/all/acc"])

@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Test a trained prompt model with one attention route removed per mode (SPEC §4).",
     )
     parser.add_argument("--config", required=True, help="the run's config.yaml (model: and data: sections)")
-    parser.add_argument("--ckpt_path", default=None, help="checkpoint with the trained adapter (default: untrained)")
+    parser.add_argument("--ckpt_path", default=None,
+                        help="checkpoint with the trained adapter (default: checkpoints/last.ckpt next to the config)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="modes to evaluate")
     parser.add_argument("--branch", default="both", choices=("text", "vision", "both"))
     parser.add_argument("--layers", default="all", help="'all', '3', '0:9' (half-open) or '0,2,5'")
@@ -309,10 +310,23 @@ def batch_limit(text: str) -> int | float:
     return int(text) if text.isdigit() else float(text)
 
 
+def default_checkpoint(config_path: str | Path) -> str | None:
+    """``checkpoints/last.ckpt`` of the run folder holding the config, if there is one."""
+    path = Path(config_path).parent / "checkpoints" / "last.ckpt"
+    if path.is_file():
+        return str(path)
+    log.warning("no --ckpt_path and no %s: evaluating the untrained adapter", path)
+    return None
+
+
 def load_run(config_path: str | Path, ckpt_path: str | None = None):
-    """(module, datamodule) from a LightningCLI ``config.yaml``, with the checkpoint's adapter loaded."""
+    """(module, datamodule) from a LightningCLI ``config.yaml``, with the checkpoint's adapter loaded.
+
+    ``data.image_size`` is linked to the model in the CLI (so absent from the saved config): it is
+    taken from the model here too. ``seed_everything`` is applied first, as the CLI does, so a
+    random-weight backbone (which checkpoints don't hold) comes back identical.
+    """
     import yaml
-    from jsonargparse import ArgumentParser
 
     from ..data.datamodule import FewShotDataModule
     from ..module import PromptCLIPModule
@@ -321,12 +335,10 @@ def load_run(config_path: str | Path, ckpt_path: str | None = None):
     missing = [section for section in ("model", "data") if section not in config]
     if missing:
         raise ValueError(f"{config_path} has no {' / '.join(missing)} section: pass the config.yaml of a run")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(PromptCLIPModule, "model", fail_untyped=False)
-    parser.add_class_arguments(FewShotDataModule, "data", fail_untyped=False)
-    parsed = parser.parse_object({"model": config["model"], "data": config["data"]})
-    objects = parser.instantiate_classes(parsed)
-    module, datamodule = objects.model, objects.data
+    if config.get("seed_everything") is not None:  # a random-weight backbone (pretrained: null) is rebuilt as trained
+        L.seed_everything(config["seed_everything"], verbose=False)
+    module = instantiate_section(PromptCLIPModule, config["model"])
+    datamodule = instantiate_section(FewShotDataModule, {"image_size": module.spec.image_size, **config["data"]})
     if ckpt_path:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         module.on_load_checkpoint(checkpoint)
@@ -334,10 +346,19 @@ def load_run(config_path: str | Path, ckpt_path: str | None = None):
     return module, datamodule
 
 
+def instantiate_section(cls: type, section: dict[str, Any]):
+    """``cls`` from one config section, with jsonargparse resolving class_path/init_args values."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "section", fail_untyped=False)
+    return parser.instantiate_classes(parser.parse_object({"section": section})).section
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """``mmprompt interventions --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt ...``"""
     args = build_parser().parse_args(argv)
-    module, datamodule = load_run(args.config, args.ckpt_path)
+    module, datamodule = load_run(args.config, args.ckpt_path or default_checkpoint(args.config))
     trainer_kwargs: dict[str, Any] = {"accelerator": args.accelerator, "devices": args.devices}
     if args.limit_test_batches is not None:
         trainer_kwargs["limit_test_batches"] = args.limit_test_batches

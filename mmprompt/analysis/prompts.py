@@ -60,7 +60,7 @@ class PromptPatchSimilarity:
     prompt slots were filled) and their keys (``ln_1`` then the k-projection)."""
 
     num_patches: int
-    foreground: Tensor | None = None
+    foreground: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))
     sums: dict[tuple[int, str], float] = field(default_factory=dict)
     counts: dict[int, int] = field(default_factory=dict)
 
@@ -107,6 +107,9 @@ def vision_prompt_similarity(module, batches: Iterable[dict], max_batches: int =
             if index >= max_batches:
                 break
             batch = batch_to(batch, module.device)
+            if "mask" not in batch:
+                raise ValueError("the prompt/patch similarity needs foreground masks: batches without 'mask' "
+                                 "(set data.with_masks: true and use a dataset with masks)")
             foreground = mask_patches(batch["mask"], module.spec.patch_size, mask_threshold)
             tracker.foreground = foreground & batch["has_mask"].bool()[:, None]
             encode_image(module.clip, batch["image"], injection)

@@ -75,7 +75,7 @@ class AttentionAccumulator:
         valid = valid.to(share.device)
         self.fg_share[layer] += share[valid].double().sum(dim=0).to(self.cls_mass.device)
         self.fg_ratio[layer] += ratio[valid].double().sum(dim=0).to(self.cls_mass.device)
-        self.masked_images[layer] += int(valid.sum())
+        self.masked_images[layer] += valid.sum().to(self.masked_images.device)
 
     def add_text(self, layer: int, mass: Tensor) -> None:
         self.eot_mass[layer] += mass.double().sum(dim=0).to(self.eot_mass.device)
