@@ -383,3 +383,22 @@ def test_vision_prompt_similarity_compares_foreground_and_background():
     assert any(abs(r["key_fg_minus_bg"]) > 1e-4 for r in rows)
     with pytest.raises(ValueError, match="ZeroShot has no vision prompts"):
         vision_prompt_similarity(make_module(ZeroShot()), [batch])
+
+
+def test_overlays_put_models_side_by_side(maple, images, tmp_path):
+    from mmprompt.analysis import attention_maps, compare_attention_overlays
+
+    zero_shot = make_module(ZeroShot())
+    maps = {layer: attention_maps(maple, images, layer) for layer in ("rollout", 0, 11)}
+    for layer, grid in maps.items():
+        assert grid.shape == (3, 8, 8) and torch.allclose(grid.sum((1, 2)), torch.ones(3), atol=1e-5), layer
+    assert not torch.allclose(maps[0], maps[11], atol=1e-4)
+    # same backbone: at layer 0 the patch-renormalised [cls] row can't depend on the prompts (float noise
+    # only); deeper layers see what the prompts wrote into the tokens
+    gap = {j: (attention_maps(zero_shot, images, j) - maps[j]).abs().max() for j in (0, 11)}
+    assert gap[0] < 2e-4 and gap[11] > 5 * gap[0]
+    path = compare_attention_overlays({"zero-shot": zero_shot, "MaPLe": maple}, images, tmp_path / "o.png", layer=3,
+                                      masks=torch.zeros(3, 64, 64))
+    assert path.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="overlay_layer=12 must be 'rollout' or a vision layer 0..11"):
+        attention_maps(maple, images, 12)

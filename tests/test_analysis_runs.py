@@ -16,6 +16,7 @@ import yaml
 from mmprompt.adapters import BiasTuning, MaPLe, ZeroShot
 from mmprompt.analysis import AttentionStatistics, evaluate_interventions, main, write_prompt_analysis
 from mmprompt.analysis.interventions import MODES
+from mmprompt.analysis.overlays import reference_maps
 from mmprompt.data import FewShotDataModule
 from mmprompt.module import PromptCLIPModule
 
@@ -67,6 +68,7 @@ def test_statistics_callback_writes_tables_plots_and_overlays(data_root, tmp_pat
     assert (torch.tensor(zero_shot.summary["vision"]["prompt_mass"]) == 0).all()
     assert (torch.tensor(summary["text"]["prompt_mass"])[1:] > 0).all()
     maps = torch.load(tmp_path / "maple" / "attention_maps.pt", weights_only=False)
+    assert reference_maps(tmp_path / "zs", maps["images"])["name"] == "ZeroShot"  # same images: drawn side by side
     assert maps["maps"].shape == (3, 8, 8) and torch.allclose(maps["maps"].sum((1, 2)), torch.ones(3))
     out = capsys.readouterr().out
     assert "| layer | fg_ratio | lambda_cls | lambda_eot |" in out and "MaPLe" in out
