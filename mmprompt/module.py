@@ -59,7 +59,8 @@ class PromptCLIPModule(L.LightningModule):
             text side is frozen); false recomputes them for every batch, as the research code does.
         truncate_text: run the text tower only up to the longest prompt's EOT (exact).
         bucket_text: encode prompts in groups of similar length, each cut to its own longest EOT
-            (exact; needs ``truncate_text``). Off while an attention probe is set.
+            (exact; needs ``truncate_text``). Off by default: the extra, smaller passes measured
+            slower on a busy 2-core CPU (docs/performance.md). Off while an attention probe is set.
         prune_last_layer: run each tower's last block for the pooled token only (exact). Off while
             an attention probe is set or with ``attention="explicit"``.
     """
@@ -83,7 +84,7 @@ class PromptCLIPModule(L.LightningModule):
         attention: Literal["fused", "explicit"] = "fused",
         cache_text_features: bool = True,
         truncate_text: bool = True,
-        bucket_text: bool = True,
+        bucket_text: bool = False,
         prune_last_layer: bool = True,
     ) -> None:
         super().__init__()
@@ -136,7 +137,7 @@ class PromptCLIPModule(L.LightningModule):
 
     @property
     def _bucket_text(self) -> bool:
-        return self._plain_fused and self.hparams.truncate_text and self.hparams.get("bucket_text", True)
+        return self._plain_fused and self.hparams.truncate_text and self.hparams.get("bucket_text", False)
 
     # ------------------------------------------------------------------ class sets
 

@@ -82,7 +82,7 @@ def test_chunked_text_pass_equals_unchunked(chunk_size):
     with torch.no_grad():
         whole = module.encode_classes(CLASSES)
         chunked = _with_options(module, text_chunk_size=chunk_size).encode_classes(CLASSES)
-        plain = _with_options(module, bucket_text=False).encode_classes(CLASSES)
+        plain = _with_options(module, text_chunk_size=None, bucket_text=True).encode_classes(CLASSES)
     _close(chunked, whole)
     _close(plain, whole)
 
