@@ -59,9 +59,13 @@ def next_free_version(parent: Path) -> str:
 
 
 def claim_run_dir(out_dir: str, name: str, version: str | None) -> Path:
-    """The run folder, created now so that two runs started together never share one."""
+    """The run folder, created now so that two runs started together never share one.
+
+    DDP worker processes (LOCAL_RANK > 0) re-run this command; they take the folder rank 0 chose.
+    Launchers that start every rank themselves (torchrun, SLURM) need an explicit ``--version``.
+    """
     inherited = os.environ.get(RUN_DIR_ENV)
-    if inherited:
+    if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
         return Path(inherited)
     parent = Path(out_dir) / name
     parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +191,7 @@ def cli_main(args: list[str] | None = None) -> MMPromptCLI:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("--version", "-V"):
         print(f"mmprompt {__version__}")
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] in TOOLS:
             return run_tool(argv[0], argv[1:])
-        cli_main(argv)
+        cli_main(None if from_command_line else argv)
     except ERRORS_SHOWN_WITHOUT_TRACEBACK as error:
         if os.environ.get("MMPROMPT_DEBUG"):
             raise

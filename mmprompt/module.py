@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
@@ -22,6 +24,9 @@ from .encoders import TokenizedPrompts, encode_image, encode_text, tokenize_prom
 from .schedule import warmup_cosine_factor
 
 log = logging.getLogger(__name__)
+# The frozen backbone stays in eval mode on purpose (see `PromptCLIPModule.train`).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning internals
 
 ADAPTER_PREFIX = "adapter."
 EVAL_STAGES = ("validate", "test")
@@ -358,8 +363,12 @@ class PromptCLIPModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmprompt"] = self.adapter_identity()
+        # Lightning does not save RNG states; with them a resumed run draws the same batches and crops
+        checkpoint["rng_states"] = _collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
         saved = checkpoint.get("mmprompt")
         if saved is None:
             return  # not written by mmprompt: load_state_dict still checks every adapter key
