@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import warnings
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
@@ -36,6 +37,24 @@ METRIC_PREFIX = {"validate": "val", "test": "test"}
 def harmonic_mean(base: float, new: float) -> float:
     """HM = 2·B·N / (B + N), the base-to-novel summary."""
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+def rng_snapshot() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, keys.tolist(), position, has_gauss, cached),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def qualified_name(obj: object) -> str:
@@ -364,11 +383,11 @@ class PromptCLIPModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmprompt"] = self.adapter_identity()
         # Lightning does not save RNG states; with them a resumed run draws the same batches and crops
-        checkpoint["rng_states"] = _collect_rng_states()
+        checkpoint["rng_states"] = rng_snapshot()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
+            restore_rng(checkpoint["rng_states"])
         saved = checkpoint.get("mmprompt")
         if saved is None:
             return  # not written by mmprompt: load_state_dict still checks every adapter key
