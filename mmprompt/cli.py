@@ -125,7 +125,7 @@ class MMPromptCLI(LightningCLI):
                                 TensorBoardLogger(out_dir, name=name, version=version, default_hp_metric=False)]
         callbacks = list(trainer_config.get("callbacks") or [])
         if not any(isinstance(callback, ModelCheckpoint) for callback in callbacks):
-            callbacks.append(ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0))
+            callbacks.append(ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True))
         if kwargs.get("logger", trainer_config.get("logger")) and self.subcommand == "fit":
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         kwargs["callbacks"] = callbacks

@@ -1,0 +1,177 @@
+"""The command line: every shipped config runs, the demo learns, DDP and resume give the same metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from data_fakes import FAKES, make_fake
+
+from mmprompt.cli import cli_main, main
+from mmprompt.data import FewShotDataModule, get_spec
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+METHODS = sorted((CONFIGS / "methods").glob("*.yaml"))
+DATASETS = sorted((CONFIGS / "datasets").glob("*.yaml"))
+PROTOCOLS = sorted((CONFIGS / "protocols").glob("*.yaml"))
+TINY = str(CONFIGS / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    FewShotDataModule(dataset="synthetic", root=str(root), image_size=64).prepare_data()
+    return root
+
+
+def quick_args(root: Path, out: Path) -> list[str]:
+    return ["--config", TINY, "--data.root", str(root), "--out_dir", str(out), "--trainer.fast_dev_run", "1",
+            "--trainer.enable_progress_bar", "false", "--data.eval_batch_size", "10"]
+
+
+def yaml_value(path: Path, key: str) -> str:
+    return next(line.split(":", 1)[1].strip() for line in path.read_text().splitlines() if line.strip().startswith(key))
+
+
+def test_version_and_help(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == "mmprompt 0.1.0"
+    assert main(["--help"]) == 0
+    assert "check-data" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda p: p.stem)
+def test_every_method_config_runs_one_batch(method, data_root, tmp_path):
+    subcommand = "test" if method.stem == "zero_shot" else "fit"
+    cli = cli_main([subcommand, "--config", str(CONFIGS / "protocols" / "base2new.yaml"), "--config", str(method),
+                    "--config", str(CONFIGS / "datasets" / "synthetic.yaml"), *quick_args(data_root, tmp_path)])
+    assert type(cli.model.adapter).__name__ == yaml_value(method, "class_path").rsplit(".", 1)[-1]
+    assert cli.trainer.state.finished
+    assert set(cli.model.test_results) == {"test/base/acc", "test/new/acc", "test/hm"}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS, ids=lambda p: p.stem)
+def test_every_protocol_config_runs_one_batch(protocol, data_root, tmp_path):
+    cli = cli_main(["fit", "--config", str(protocol), "--config", str(CONFIGS / "methods" / "bias.yaml"),
+                    "--config", str(CONFIGS / "datasets" / "synthetic.yaml"), *quick_args(data_root, tmp_path)])
+    assert cli.trainer.state.finished and cli.model.test_results
+
+
+@pytest.mark.parametrize("dataset", [p for p in DATASETS if not p.stem.startswith("synthetic")], ids=lambda p: p.stem)
+def test_every_dataset_config_runs_one_batch_on_a_fake_tree(dataset, tmp_path):
+    name = get_spec(yaml_value(dataset, "dataset")).name
+    make_fake(name, tmp_path / "data")
+    if name == "ImageNetSketch":
+        make_fake("ImageNet", tmp_path / "data")  # Sketch reads ImageNet's classnames.txt
+    cli = cli_main(["test", "--config", str(CONFIGS / "methods" / "zero_shot.yaml"), "--config", str(dataset),
+                    *quick_args(tmp_path / "data", tmp_path / "runs")])
+    assert cli.model.test_results["test/all/acc"] >= 0.0
+    assert len(cli.datamodule.eval_classes("test")[0].classnames) == len(make_fake(name, tmp_path / "d2").classnames)
+
+
+def test_every_fake_dataset_has_a_config():
+    configured = {get_spec(yaml_value(p, "dataset")).name for p in DATASETS}
+    assert set(FAKES) <= configured
+
+
+def _fit(root: Path, out: Path, version: str, *extra: str) -> dict:
+    cli_main(["fit", "--config", str(CONFIGS / "demo.yaml"), "--data.root", str(root), "--out_dir", str(out),
+              "--version", version, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
+              "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]", *extra])
+    return json.loads((out / "demo" / version / "results.json").read_text())
+
+
+def test_killed_run_resumes_with_ckpt_path_last_to_the_same_metrics(data_root, tmp_path):
+    uninterrupted = _fit(data_root, tmp_path, "full")
+    crash = ["--trainer.callbacks+=run_helpers.CrashAtEpoch", "--trainer.callbacks.init_args.epoch", "1"]
+    with pytest.raises(SystemError, match="simulated crash"):
+        _fit(data_root, tmp_path, "killed", *crash)
+    run = tmp_path / "demo" / "killed"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "results.json").exists()
+    resumed = _fit(data_root, tmp_path, "killed", "--ckpt_path", "last")
+    assert resumed["metrics"] == uninterrupted["metrics"]
+
+
+def test_runs_never_share_a_folder_and_keep_their_config(data_root, tmp_path):
+    for _ in range(2):
+        cli_main(["fit", "--config", str(CONFIGS / "demo.yaml"), "--data.root", str(data_root), "--out_dir",
+                  str(tmp_path), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                  "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
+                  "--trainer.callbacks", "[]"])
+    runs = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert runs == ["version_0", "version_1"]
+    for run in runs:
+        folder = tmp_path / "demo" / run
+        assert {"config.yaml", "metrics.csv", "results.json"} <= {p.name for p in folder.iterdir()}
+        assert "MaPLe" in (folder / "config.yaml").read_text()
+        assert list((folder / "checkpoints").glob("last.ckpt"))
+
+
+def test_bad_input_gives_clear_errors(data_root, tmp_path, capsys):
+    base = ["fit", "--config", str(CONFIGS / "demo.yaml"), "--data.root", str(data_root), "--out_dir", str(tmp_path),
+            "--trainer.fast_dev_run", "1", "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"]
+    with pytest.raises(SystemExit):
+        main(base + ["--model.adapter", "mmprompt.adapters.NoSuchAdapter"])
+    assert "NoSuchAdapter" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--model.no_such_option", "1"])
+    assert "no_such_option" in capsys.readouterr().err
+    assert main(base + ["--data.dataset", "imagenett"]) == 2
+    error = capsys.readouterr().err
+    assert "mmprompt: error:" in error and "imagenett" in error and "OxfordPets" in error
+    assert main(base + ["--data.root", str(tmp_path / "missing"), "--data.dataset", "EuroSAT"]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_checkpoint_from_another_adapter_is_a_clear_error(data_root, tmp_path, capsys):
+    _fit(data_root, tmp_path, "maple", "--trainer.max_epochs", "1")
+    checkpoint = tmp_path / "demo" / "maple" / "checkpoints" / "last.ckpt"
+    status = main(["test", "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "methods" / "bias.yaml"),
+                   "--model.adapter.init_args.layers", "9", "--data.root", str(data_root), "--out_dir", str(tmp_path),
+                   "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]", "--ckpt_path", str(checkpoint)])
+    assert status == 2
+    assert "checkpoint does not match the model: adapter: checkpoint 'mmprompt.adapters.maple.MaPLe'" in \
+        capsys.readouterr().err
+
+
+def _mmprompt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "tests")}
+    env.pop(  "MMPROMPT_RUN_DIR", None)
+    return subprocess.run([sys.executable, "-m", "mmprompt", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_beats_chance(data_root, tmp_path):
+    result = _mmprompt("fit", "--config", str(CONFIGS / "demo.yaml"), "--data.root", str(data_root),
+                       "--out_dir", str(tmp_path), "--trainer.enable_progress_bar", "false", cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fg_ratio" in result.stdout and "test/base/acc" in result.stdout
+    results = json.loads((tmp_path / "demo" / "version_0" / "results.json").read_text())
+    chance = 100 / 5  # 10 synthetic classes: 5 base
+    assert results["metrics"]["test/base/acc"] > 1.5 * chance
+    assert (tmp_path / "demo" / "version_0" / "attention_stats.png").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(data_root, tmp_path):
+    common = ["--config", str(CONFIGS / "demo.yaml"), "--data.root", str(data_root), "--out_dir", str(tmp_path),
+              "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"]
+    trained = _mmprompt("fit", *common, "--version", "ddp_fit", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert runs == ["ddp_fit"], "both ranks must write into one run folder"
+    checkpoint = str(tmp_path / "demo" / "ddp_fit" / "checkpoints" / "last.ckpt")
+    metrics = {}
+    for name, extra in {"single": [], "ddp": ["--trainer.strategy", "ddp", "--trainer.devices", "2"]}.items():
+        tested = _mmprompt("test", *common, "--version", name, "--ckpt_path", checkpoint, *extra, cwd=tmp_path)
+        assert tested.returncode == 0, tested.stderr[-3000:]
+        metrics[name] = json.loads((tmp_path / "demo" / name / "results.json").read_text())["metrics"]
+    assert metrics["ddp"] == metrics["single"]
+    assert metrics["single"]["test/base/acc"] > 0
