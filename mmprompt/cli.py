@@ -104,6 +104,8 @@ class MMPromptCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the final model and write results.json.")
         parser.link_arguments("model.model_name", "data.image_size", compute_fn=image_size_of)
+        if "verbose" in parser.get_defaults():  # validate/test: our summary names base/new; Lightning's table can't
+            parser.set_defaults(verbose=False)
 
     # ------------------------------------------------------------------ run folder, loggers, checkpoints
 
@@ -135,7 +137,7 @@ class MMPromptCLI(LightningCLI):
 
     def after_fit(self) -> None:
         if self._run_config().test_after_fit and not self.trainer.interrupted:
-            self.trainer.test(self.model, datamodule=self.datamodule)
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
             self._write_results()
 
     def after_test(self) -> None:
