@@ -17,8 +17,10 @@ from typing import Any, Callable
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from . import __version__
+from .checkpoint_io import AtomicCheckpointIO
 from .data.datamodule import FewShotDataModule
 from .module import PromptCLIPModule
 
@@ -131,6 +133,10 @@ class MMPromptCLI(LightningCLI):
         if kwargs.get("logger", trainer_config.get("logger")) and self.subcommand == "fit":
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         kwargs["callbacks"] = callbacks
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
     # ------------------------------------------------------------------ after the stages

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from data_fakes import FAKES, make_fake
 
+from mmprompt.checkpoint_io import AtomicCheckpointIO
 from mmprompt.cli import cli_main, main
 from mmprompt.data import FewShotDataModule, get_spec
 
@@ -60,6 +61,7 @@ def test_every_protocol_config_runs_one_batch(protocol, data_root, tmp_path):
     cli = cli_main(["fit", "--config", str(protocol), "--config", str(CONFIGS / "methods" / "bias.yaml"),
                     "--config", str(CONFIGS / "datasets" / "synthetic.yaml"), *quick_args(data_root, tmp_path)])
     assert cli.trainer.state.finished and cli.model.test_results
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 @pytest.mark.parametrize("dataset", [p for p in DATASETS if not p.stem.startswith("synthetic")], ids=lambda p: p.stem)

@@ -170,3 +170,22 @@ def test_image_size_mismatch_is_reported(tmp_path, synthetic_root):
     module = PromptCLIPModule(BiasTuning(layers=2), model_name=TINY, pretrained=None)
     with pytest.raises(ValueError, match=r"data.image_size=224 but model 'mmprompt-tiny' takes 64px"):
         _trainer(tmp_path).test(module, datamodule=_datamodule(synthetic_root, image_size=224))
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    from mmprompt.checkpoint_io import AtomicCheckpointIO
+
+    io, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"adapter.x": torch.ones(3)}}, path)
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["adapter.x"], torch.ones(3))
+
+    def killed_mid_write(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"adapter.x": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["adapter.x"], torch.ones(3))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
