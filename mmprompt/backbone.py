@@ -116,23 +116,25 @@ def read_checkpoint_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch
     return state_dict, is_openai
 
 
+def shape_mismatches(expected: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]],
+                     noun: str = "keys", limit: int = 3) -> list[str]:
+    """Missing, unexpected and differently shaped entries of ``given`` against ``expected``, in words."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = [f"{key}: checkpoint {given[key]} vs model {expected[key]}"
+             for key in sorted(set(expected) & set(given)) if given[key] != expected[key]]
+    return [f"{len(items)} {kind} (first: {items[:limit]})"
+            for kind, items in ((f"missing {noun}", missing), (f"unexpected {noun}", unexpected),
+                                ("shape mismatches", wrong)) if items]
+
+
+def shapes_of(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state_dict.items()}
+
+
 def _load_weights_strictly(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Path, model_name: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in sorted(set(expected) & set(state_dict))
-        if state_dict[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches (first: {mismatched[:3]})")
-        if missing:
-            problems.append(f"{len(missing)} missing keys (first: {missing[:3]})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys (first: {unexpected[:3]})")
+    problems = shape_mismatches(shapes_of(model.state_dict()), shapes_of(state_dict))
+    if problems:
         raise ValueError(
             f"checkpoint {source} does not match architecture {model_name!r}: " + "; ".join(problems)
             + ". Pass the model_name the weights were trained with."

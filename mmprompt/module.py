@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .adapters.base import Adapter, BuildContext
 from .attention import AttendFn, fused_attention, softmax_attention
-from .backbone import BackboneSpec, get_tokenizer, load_clip
+from .backbone import BackboneSpec, get_tokenizer, load_clip, shape_mismatches, shapes_of
 from .data.protocol import ClassSet, ProvidesClassSets
 from .encoders import TokenizedPrompts, encode_image, encode_text, tokenize_prompts
 from .schedule import warmup_cosine_factor
@@ -352,23 +352,12 @@ class PromptCLIPModule(L.LightningModule):
         return state
 
     def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {key: tuple(value.shape) for key, value in self.state_dict().items()}
+        return shapes_of(self.state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
         """Load adapter tensors; every adapter key must be present with its shape, and no other adapter's."""
-        expected = self.adapter_shapes()
-        given = {key: tuple(value.shape) for key, value in state_dict.items() if key.startswith(ADAPTER_PREFIX)}
-        problems = []
-        missing = sorted(set(expected) - set(given))
-        unexpected = sorted(set(given) - set(expected))
-        wrong = [f"{k}: checkpoint {given[k]} vs model {expected[k]}" for k in sorted(set(expected) & set(given))
-                 if given[k] != expected[k]]
-        if missing:
-            problems.append(f"missing adapter tensors {missing[:5]}")
-        if unexpected:
-            problems.append(f"unexpected adapter tensors {unexpected[:5]}")
-        if wrong:
-            problems.append(f"shape mismatches {wrong[:5]}")
+        given = shapes_of({key: value for key, value in state_dict.items() if key.startswith(ADAPTER_PREFIX)})
+        problems = shape_mismatches(self.adapter_shapes(), given, noun="adapter tensors", limit=5)
         if problems:
             raise ValueError(
                 f"adapter state does not match {type(self.adapter).__name__} on {self.spec.model_name}: "

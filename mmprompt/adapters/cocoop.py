@@ -6,13 +6,12 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from ..data.protocol import ClassSet
 from ..encoders import Injection
-from .base import Adapter, BuildContext
-from .components import TextPromptStack
+from .base import BuildContext
+from .components import TextPromptAdapter
 
 
-class CoCoOp(Adapter):
+class CoCoOp(TextPromptAdapter):
     """CoCoOp: context_i = context + meta_net(image_feature_i).
 
     Args:
@@ -24,12 +23,11 @@ class CoCoOp(Adapter):
     conditions_text_on_image = True
 
     def __init__(self, n_ctx: int = 4, ctx_init: str | None = "a photo of a", bottleneck: int = 16) -> None:
-        super().__init__()
-        self.text = TextPromptStack(n_ctx, depth=1, ctx_init=ctx_init)
+        super().__init__(n_ctx, depth=1, ctx_init=ctx_init)
         self.bottleneck = bottleneck
 
     def build(self, context: BuildContext) -> None:
-        self.text.build(context)
+        super().build(context)
         spec = context.spec
         hidden = spec.embed_dim // self.bottleneck
         self.meta_net = nn.Sequential(OrderedDict([
@@ -37,9 +35,6 @@ class CoCoOp(Adapter):
             ("relu", nn.ReLU(inplace=True)),
             ("linear2", nn.Linear(hidden, spec.text_width)),
         ]))
-
-    def prompt_texts(self, classes: ClassSet) -> list[list[str]]:
-        return self.text.prompt_texts(classes)
 
     def text_injection(self, image_features: Tensor | None = None) -> Injection:
         if image_features is None:

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from ..data.protocol import ClassSet
-from .base import BuildContext, check_depth
+from ..encoders import Injection
+from .base import Adapter, BuildContext, check_depth
 
 PROMPT_INIT_STD = 0.02
 
@@ -56,6 +57,27 @@ class TextPromptStack(nn.Module):
         for index in range(1, self.depth):
             prompts[index] = self.deep[index - 1]
         return prompts
+
+
+class TextPromptAdapter(Adapter):
+    """Base of the methods whose text side is a `TextPromptStack` (CoOp, CoCoOp, TextDeep, IVLP, MaPLe).
+
+    The prompt reads "<ctx_init or placeholders> <class>." and the stack's tensors are the text
+    injection; subclasses add what else they learn.
+    """
+
+    def __init__(self, n_ctx: int, depth: int, ctx_init: str | None) -> None:
+        super().__init__()
+        self.text = TextPromptStack(n_ctx, depth, ctx_init)
+
+    def build(self, context: BuildContext) -> None:
+        self.text.build(context)
+
+    def prompt_texts(self, classes: ClassSet) -> list[list[str]]:
+        return self.text.prompt_texts(classes)
+
+    def text_injection(self, image_features: Tensor | None = None) -> Injection:
+        return Injection(prompts=self.text.layer_prompts())
 
 
 class VisionPromptStack(nn.Module):

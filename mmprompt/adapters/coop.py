@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from ..data.protocol import ClassSet
-from ..encoders import Injection
-from .base import Adapter, BuildContext
-from .components import TextPromptStack
+from .components import TextPromptAdapter
 
 
-class CoOp(Adapter):
+class CoOp(TextPromptAdapter):
     """CoOp.
 
     Args:
@@ -18,14 +15,4 @@ class CoOp(Adapter):
     """
 
     def __init__(self, n_ctx: int = 16, ctx_init: str | None = None) -> None:
-        super().__init__()
-        self.text = TextPromptStack(n_ctx, depth=1, ctx_init=ctx_init)
-
-    def build(self, context: BuildContext) -> None:
-        self.text.build(context)
-
-    def prompt_texts(self, classes: ClassSet) -> list[list[str]]:
-        return self.text.prompt_texts(classes)
-
-    def text_injection(self, image_features=None) -> Injection:
-        return Injection(prompts=self.text.layer_prompts())
+        super().__init__(n_ctx, depth=1, ctx_init=ctx_init)

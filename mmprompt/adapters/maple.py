@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from ..data.protocol import ClassSet
 from ..encoders import Injection
-from .base import Adapter, BuildContext, check_depth
-from .components import TextPromptStack, text_to_vision_projections
+from .base import BuildContext, check_depth
+from .components import TextPromptAdapter, text_to_vision_projections
 
 
-class MaPLe(Adapter):
+class MaPLe(TextPromptAdapter):
     """Multi-modal prompt learning.
 
     Text prompts at layers 0..depth-1 (layer 0 from ``ctx_init``, deeper ones N(0, 0.02)); the
@@ -21,19 +20,12 @@ class MaPLe(Adapter):
     """
 
     def __init__(self, n_ctx: int = 2, depth: int = 9, ctx_init: str | None = "a photo of a") -> None:
-        super().__init__()
-        self.text = TextPromptStack(n_ctx, depth, ctx_init)
+        super().__init__(n_ctx, depth, ctx_init)
 
     def build(self, context: BuildContext) -> None:
         check_depth(self.text.depth, context.spec.vision_layers, "vision")
-        self.text.build(context)
+        super().build(context)
         self.projections = text_to_vision_projections(self.text.depth, context)
-
-    def prompt_texts(self, classes: ClassSet) -> list[list[str]]:
-        return self.text.prompt_texts(classes)
-
-    def text_injection(self, image_features=None) -> Injection:
-        return Injection(prompts=self.text.layer_prompts())
 
     def vision_injection(self) -> Injection:
         text_prompts = self.text.layer_prompts()

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from ..data.protocol import ClassSet
-from ..encoders import Injection
-from .base import Adapter, BuildContext
-from .components import TextPromptStack
+from .components import TextPromptAdapter
 
 
-class TextDeep(Adapter):
+class TextDeep(TextPromptAdapter):
     """Text-only deep prompting (the language branch of IVLP).
 
     Args:
@@ -18,14 +15,4 @@ class TextDeep(Adapter):
     """
 
     def __init__(self, n_ctx: int = 4, depth: int = 12, ctx_init: str | None = "a photo of a") -> None:
-        super().__init__()
-        self.text = TextPromptStack(n_ctx, depth, ctx_init)
-
-    def build(self, context: BuildContext) -> None:
-        self.text.build(context)
-
-    def prompt_texts(self, classes: ClassSet) -> list[list[str]]:
-        return self.text.prompt_texts(classes)
-
-    def text_injection(self, image_features=None) -> Injection:
-        return Injection(prompts=self.text.layer_prompts())
+        super().__init__(n_ctx, depth, ctx_init)
