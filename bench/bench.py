@@ -193,6 +193,10 @@ def bench_text_memory(bench: Bench) -> None:
 # ----------------------------------------------------------------------------- results
 
 
+#: AttentionStatistics(max_batches=10): batches recorded per test dataloader by default
+RECORDED_BATCHES_DEFAULT = 10
+
+
 def full_evaluation(meter: Meter, settings: Settings) -> dict[str, float]:
     """Ratios for a whole evaluation of ``full_eval_images`` (ImageNet val), from the measured parts.
 
@@ -201,8 +205,12 @@ def full_evaluation(meter: Meter, settings: Settings) -> dict[str, float]:
     """
     batches = math.ceil(settings.full_eval_images / settings.eval_batch)
     fast = meter.median_seconds("text_once/fast") + batches * meter.median_seconds("eval/fast")
+    recorded_batches = min(RECORDED_BATCHES_DEFAULT, batches)
+    recorded = (meter.median_seconds("text_once/recorded") + recorded_batches * meter.median_seconds("eval/recorded")
+                + (batches - recorded_batches) * meter.median_seconds("eval/fast"))
     return {"eval_speedup_full": batches * meter.median_seconds("eval/naive") / fast,
-            "eval_over_image_tower_full": fast / (batches * meter.median_seconds("image/fast"))}
+            "eval_over_image_tower_full": fast / (batches * meter.median_seconds("image/fast")),
+            "recording_overhead_full": recorded / fast - 1}
 
 
 def eval_summary(meter: Meter, settings: Settings) -> dict[str, float]:
@@ -275,6 +283,7 @@ def tables(rows: list[dict], settings_by_model: dict[str, Settings]) -> str:
                  ("eval_speedup_full", f"eval × ({full})"),
                  ("eval_over_image_tower_full", f"eval / image tower ({full})"),
                  ("recording_overhead", "recording overhead"),
+                 ("recording_overhead_full", f"recording overhead ({full}, {RECORDED_BATCHES_DEFAULT} batches recorded)"),
                  ("recording_overhead_per_batch", "recording overhead if every batch")]
     memory += [("eval_fast_peak_mib", "eval fast MiB"), ("eval_naive_peak_mib", "eval naive MiB"),
                ("text_peak_mib_unchunked", "text pass MiB"),

@@ -1,8 +1,8 @@
 """The two ways of running one trained module that the benchmark compares.
 
-- **fast**: mmprompt's defaults: text cut after the longest EOT (no length buckets), frozen
-  prompt embeddings computed once, text features cached per evaluation, fused attention, last
-  block for the pooled token only.
+- **fast**: mmprompt's defaults: text cut after the longest EOT (no length buckets), the prompt
+  prefix shared by all classes encoded once, frozen prompt embeddings computed once, text features
+  cached per evaluation, fused attention, last block for the pooled token only.
 - **naive**: what the research code does: the full 77-token context, text features recomputed
   for every batch, explicit-softmax attention everywhere, and attention statistics recorded.
 
@@ -22,10 +22,10 @@ from torch import Tensor
 from mmprompt.attention import AttendFn, AttentionSite, attention_scores, softmax_attention
 from mmprompt.module import PromptCLIPModule
 
-FAST_OPTIONS = {"truncate_text": True, "bucket_text": False, "prune_last_layer": True, "attention": "fused",
-                "cache_text_features": True}
-NAIVE_OPTIONS = {"truncate_text": False, "bucket_text": False, "prune_last_layer": False, "attention": "explicit",
-                 "cache_text_features": False}
+FAST_OPTIONS = {"truncate_text": True, "bucket_text": False, "prune_last_layer": True, "share_text_prefix": True,
+                "attention": "fused", "cache_text_features": True}
+NAIVE_OPTIONS = {"truncate_text": False, "bucket_text": False, "prune_last_layer": False, "share_text_prefix": False,
+                 "attention": "explicit", "cache_text_features": False}
 
 
 def center_foreground(batch: int, num_patches: int) -> Tensor:

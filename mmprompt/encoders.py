@@ -80,6 +80,9 @@ def check_supported_blocks(blocks: nn.ModuleList, tower: Tower) -> None:
             )
 
 
+KeysValues = tuple[Tensor, Tensor]  # per-head keys and values (N or 1, heads, P, head_dim)
+
+
 def run_block(
     block: ResidualAttentionBlock,
     x: Tensor,
@@ -96,12 +99,47 @@ def run_block(
     from the whole sequence, but only that row is updated, and (N, 1, width) is returned. Exact for
     the last block, whose other rows are never read.
     """
-    if query_rows is not None:
-        return _run_block_rows(block, x, attn_mask, attend, site, attn_bias, mlp_bias, query_rows)
+    return run_block_kv(block, x, attn_mask, attend, site, attn_bias, mlp_bias, query_rows)[0]
+
+
+def run_block_kv(
+    block: ResidualAttentionBlock,
+    x: Tensor,
+    attn_mask: Tensor | None,
+    attend: AttendFn,
+    site: AttentionSite,
+    attn_bias: Tensor | None = None,
+    mlp_bias: Tensor | None = None,
+    query_rows: Tensor | None = None,
+    prefix: KeysValues | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`run_block` that also returns the keys and values of ``x``'s own tokens.
+
+    ``prefix`` holds keys and values of tokens that precede ``x`` (a prompt prefix shared by every
+    class): they are attended to but not recomputed; ``attn_mask`` then spans prefix + ``x``.
+    """
     attn = block.attn
-    q, k, v = project_qkv(attn, block.ln_1(x))
-    out = F.linear(merge_heads(attend(q, k, v, attn_mask, site)), attn.out_proj.weight, attn.out_proj.bias)
-    return _finish_block(block, x, out, attn_bias, mlp_bias)
+    n, length, width = x.shape
+    heads = attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    h = block.ln_1(x)
+    if query_rows is not None:  # q, out-projection and MLP for one row per sequence
+        batch = torch.arange(n, device=x.device)
+        x, h_query = x[batch, query_rows].unsqueeze(1), h[batch, query_rows].unsqueeze(1)
+        q = F.linear(h_query, weight[:width], bias[:width] if bias is not None else None)
+        q = q.view(n, 1, heads, width // heads).transpose(1, 2)
+        kv = F.linear(h, weight[width:], bias[width:] if bias is not None else None)
+        k, v = kv.view(n, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+        if attn_mask is not None:
+            attn_mask = attn_mask[query_rows].view(n, 1, 1, attn_mask.shape[-1])
+    else:
+        q, k, v = project_qkv(attn, h)
+    keys, values = k, v
+    if prefix is not None:
+        keys = torch.cat([prefix[0].expand(n, -1, -1, -1), k], dim=2)
+        values = torch.cat([prefix[1].expand(n, -1, -1, -1), v], dim=2)
+    out = F.linear(merge_heads(attend(q, keys, values, attn_mask, site)), attn.out_proj.weight, attn.out_proj.bias)
+    return _finish_block(block, x, out, attn_bias, mlp_bias), k, v
 
 
 def _finish_block(block: ResidualAttentionBlock, x: Tensor, out: Tensor, attn_bias: Tensor | None,
@@ -115,33 +153,6 @@ def _finish_block(block: ResidualAttentionBlock, x: Tensor, out: Tensor, attn_bi
     if mlp_bias is not None:
         update = update + mlp_bias
     return x + update
-
-
-def _run_block_rows(
-    block: ResidualAttentionBlock,
-    x: Tensor,
-    attn_mask: Tensor | None,
-    attend: AttendFn,
-    site: AttentionSite,
-    attn_bias: Tensor | None,
-    mlp_bias: Tensor | None,
-    query_rows: Tensor,
-) -> Tensor:
-    """`run_block` for one query row per sequence: skips q, out-projection and MLP of the other rows."""
-    attn = block.attn
-    n, length, width = x.shape
-    heads = attn.num_heads
-    batch = torch.arange(n, device=x.device)
-    h = block.ln_1(x)
-    rows = x[batch, query_rows].unsqueeze(1)  # (N, 1, width)
-    weight, bias = attn.in_proj_weight, attn.in_proj_bias
-    q = F.linear(h[batch, query_rows].unsqueeze(1), weight[:width], bias[:width] if bias is not None else None)
-    kv = F.linear(h, weight[width:], bias[width:] if bias is not None else None)
-    kv = kv.view(n, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
-    q = q.view(n, 1, heads, width // heads).transpose(1, 2)
-    mask = attn_mask[query_rows].view(n, 1, 1, length) if attn_mask is not None else None
-    out = F.linear(merge_heads(attend(q, kv[0], kv[1], mask, site)), attn.out_proj.weight, attn.out_proj.bias)
-    return _finish_block(block, rows, out, attn_bias, mlp_bias)
 
 
 def _replace_slots(x: Tensor, prompt: Tensor, start: int) -> Tensor:
@@ -291,8 +302,45 @@ def tokenize_prompts(clip: nn.Module, tokenizer, texts: list[str], truncate: boo
     return TokenizedPrompts(token_ids, clip.token_embedding(token_ids), eot)
 
 
+def shared_prefix_length(token_ids: Tensor, eot_positions: Tensor) -> int:
+    """How many leading tokens every prompt has in common (SOS, context, "of a"), before any EOT."""
+    differs = (token_ids != token_ids[:1]).any(dim=0).nonzero()
+    common = int(differs[0]) if len(differs) else token_ids.shape[1]
+    return min(common, int(eot_positions.min()))
+
+
+def _run_blocks_shared_prefix(
+    blocks: nn.ModuleList,
+    x: Tensor,
+    attn_mask: Tensor,
+    injection: Injection,
+    attend: AttendFn,
+    make_site,
+    prefix_length: int,
+    last_rows: Tensor | None,
+) -> Tensor:
+    """All blocks with the first ``prefix_length`` tokens run once instead of once per class.
+
+    Under the causal mask those tokens see only each other, and they (prompt slots included) are
+    the same for every class, so one pass gives every class's prefix; the per-class rest attends to
+    its keys and values. Returns the hidden states of the rest (or of ``last_rows`` in the last block).
+    """
+    prefix, x = x[:1, :prefix_length], x[:, prefix_length:]
+    prefix_mask, rest_mask = attn_mask[:prefix_length, :prefix_length], attn_mask[prefix_length:]
+    last = len(blocks) - 1
+    for index, block in enumerate(blocks):
+        if index > 0 and index in injection.prompts:
+            prefix = _replace_slots(prefix, injection.prompts[index], start=1)
+        biases = injection.attn_bias.get(index), injection.mlp_bias.get(index)
+        site = make_site(index)
+        prefix, keys, values = run_block_kv(block, prefix, prefix_mask, attend, site, *biases)
+        rows = last_rows - prefix_length if index == last and last_rows is not None else None
+        x = run_block_kv(block, x, rest_mask, attend, site, *biases, query_rows=rows, prefix=(keys, values))[0]
+    return x
+
+
 def _encode_text_chunk(clip: nn.Module, prompts: TokenizedPrompts, injection: Injection, attend: AttendFn,
-                       pooled_only: bool = False) -> Tensor:
+                       pooled_only: bool = False, share_prefix: bool = False) -> Tensor:
     cast_dtype = clip.transformer.get_cast_dtype()
     x = prompts.embeddings.to(cast_dtype)
     num_classes, length, width = x.shape
@@ -318,10 +366,16 @@ def _encode_text_chunk(clip: nn.Module, prompts: TokenizedPrompts, injection: In
     def make_site(layer: int) -> AttentionSite:
         return AttentionSite("text", layer, length, prompt_positions, eot_positions=eot)
 
-    x = _run_blocks(clip.transformer.resblocks, x, attn_mask, injection, attend, make_site, 1,
-                    eot if pooled_only else None)
+    blocks = clip.transformer.resblocks
+    last_rows = eot if pooled_only else None
+    prefix_length = shared_prefix_length(prompts.token_ids, eot) if share_prefix and groups == 1 else 0
+    if attn_mask is not None and num_classes > 1 and prefix_length > max(n, 1):
+        x = _run_blocks_shared_prefix(blocks, x, attn_mask, injection, attend, make_site, prefix_length, last_rows)
+    else:
+        prefix_length = 0
+        x = _run_blocks(blocks, x, attn_mask, injection, attend, make_site, 1, last_rows)
     x = clip.ln_final(x)
-    pooled = x[:, 0] if pooled_only else x[torch.arange(x.shape[0], device=x.device), eot]
+    pooled = x[:, 0] if pooled_only else x[torch.arange(x.shape[0], device=x.device), eot - prefix_length]
     if isinstance(clip.text_projection, nn.Linear):
         pooled = clip.text_projection(pooled)
     elif clip.text_projection is not None:
@@ -337,25 +391,28 @@ def encode_text(
     chunk_size: int | None = None,
     bucket_by_length: bool = False,
     pooled_only: bool = False,
+    share_prefix: bool = False,
 ) -> Tensor:
     """Text features (C, embed_dim), or (G, C, embed_dim) for per-group context; unnormalised.
 
     ``chunk_size`` bounds memory by encoding that many classes per pass (each chunk is cut to its
     own longest prompt); the result equals the single pass. ``bucket_by_length`` groups prompts
     of similar length (`length_buckets`) so short class names don't pay for the longest one;
-    ``pooled_only`` runs the last block for the EOT rows only. Both are exact; leave them off
+    ``pooled_only`` runs the last block for the EOT rows only; ``share_prefix`` runs the tokens
+    every prompt shares (SOS, context, "of a") once for all classes. All are exact; leave them off
     when ``attend`` records or changes attention and expects the plain call pattern.
     """
     injection.check("text", len(clip.transformer.resblocks))
     if bucket_by_length:
         buckets = length_buckets(prompts.eot_positions, chunk_size)
-        parts = [_encode_text_chunk(clip, prompts.select(index), injection, attend, pooled_only) for index in buckets]
+        parts = [_encode_text_chunk(clip, prompts.select(index), injection, attend, pooled_only, share_prefix) for index in buckets]
         restore = torch.argsort(torch.cat(buckets))
         return torch.cat(parts, dim=-2).index_select(-2, restore)
     if not chunk_size or chunk_size >= len(prompts):
-        return _encode_text_chunk(clip, prompts, injection, attend, pooled_only)
+        return _encode_text_chunk(clip, prompts, injection, attend, pooled_only, share_prefix)
     parts = [
-        _encode_text_chunk(clip, prompts.chunk(start, start + chunk_size), injection, attend, pooled_only)
+        _encode_text_chunk(clip, prompts.chunk(start, start + chunk_size), injection, attend, pooled_only,
+                           share_prefix)
         for start in range(0, len(prompts), chunk_size)
     ]
     return torch.cat(parts, dim=-2)

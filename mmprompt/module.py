@@ -87,6 +87,9 @@ class PromptCLIPModule(L.LightningModule):
             slower on a busy 2-core CPU (docs/performance.md). Off while an attention probe is set.
         prune_last_layer: run each tower's last block for the pooled token only (exact). Off while
             an attention probe is set or with ``attention="explicit"``.
+        share_text_prefix: run the prompt tokens every class shares (SOS, learned context, "of a")
+            once per pass instead of once per class; the causal mask makes this exact. Off while an
+            attention probe is set or with ``attention="explicit"``.
     """
 
     strict_loading = False  # the checkpoint holds only adapter tensors; load_state_dict checks them
@@ -110,6 +113,7 @@ class PromptCLIPModule(L.LightningModule):
         truncate_text: bool = True,
         bucket_text: bool = False,
         prune_last_layer: bool = True,
+        share_text_prefix: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["adapter", "optimizer"])
@@ -158,6 +162,10 @@ class PromptCLIPModule(L.LightningModule):
     @property
     def _pooled_only(self) -> bool:
         return self._plain_fused and self.hparams.get("prune_last_layer", True)
+
+    @property
+    def _share_text_prefix(self) -> bool:
+        return self._plain_fused and self.hparams.get("share_text_prefix", True)
 
     @property
     def _bucket_text(self) -> bool:
@@ -228,7 +236,7 @@ class PromptCLIPModule(L.LightningModule):
         prompts, num_templates = self.prompts_for(classes)
         features = encode_text(self.clip, prompts, self.adapter.text_injection(image_features), self.attend,
                                self.hparams.text_chunk_size, bucket_by_length=self._bucket_text,
-                               pooled_only=self._pooled_only)
+                               pooled_only=self._pooled_only, share_prefix=self._share_text_prefix)
         features = F.normalize(features.float(), dim=-1)
         if num_templates > 1:  # template ensemble: mean of normalised features, renormalised
             features = F.normalize(features.unflatten(-2, (num_templates, -1)).mean(dim=-3), dim=-1)

@@ -177,3 +177,31 @@ def test_ddp_two_processes_match_one_process(data_root, tmp_path):
         metrics[name] = json.loads((tmp_path / "demo" / name / "results.json").read_text())["metrics"]
     assert metrics["ddp"] == metrics["single"]
     assert metrics["single"]["test/base/acc"] > 0
+
+
+def test_own_class_per_folder_data_trains_end_to_end_and_masks_feed_the_statistics(data_root, tmp_path):
+    """Bring your own dataset: folders -> make-split -> fit + test with the tiny backbone."""
+    import shutil
+
+    images, masks = tmp_path / "mydata" / "shapes", tmp_path / "mydata" / "masks"
+    for source, target in ((data_root / "synthetic" / "images", images), (data_root / "synthetic" / "masks", masks)):
+        shutil.copytree(source, target)
+    split = tmp_path / "mydata" / "split.json"
+    assert main(["make-split", str(images), "--output", str(split), "--seed", "1"]) == 0
+    assert main(["check-data", "--dataset", "custom", "--split-file", str(split), "--image-dir", str(images),
+                 "--mask-dir", str(masks)]) == 0
+    config = tmp_path / "shapes.yaml"
+    config.write_text(f"data:\n  dataset: custom\n  split_file: {split}\n  image_dir: {images}\n"
+                      f"  mask_dir: {masks}\n  template: 'a drawing of a {{}}.'\n  subsample: all\n")
+    statistics = ("[{class_path: mmprompt.analysis.AttentionStatistics, init_args: {max_batches: 2, "
+                  "print_summary: false}}]")
+    cli = cli_main(["fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(config), "--out_dir",
+                    str(tmp_path / "runs"), "--name", "shapes", "--trainer.enable_progress_bar", "false",
+                    "--trainer.callbacks", statistics])
+    results = json.loads((tmp_path / "runs" / "shapes" / "version_0" / "results.json").read_text())
+    assert results["dataset"] == "custom"
+    assert results["metrics"]["test/all/acc"] > 1.5 * 100 / 10  # 10 classes
+    assert cli.datamodule.train_classes.template == "a drawing of a {}."
+    summary = json.loads((tmp_path / "runs" / "shapes" / "version_0" / "attention_stats.json").read_text())
+    ratios = [value for layer in summary["vision"]["fg_ratio"] for value in layer]
+    assert ratios and all(value == value and value > 0 for value in ratios)  # recorded against the masks

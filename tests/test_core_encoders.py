@@ -133,3 +133,26 @@ def test_bad_injections_are_rejected(tiny):
     with pytest.raises(ValueError, match="different token counts"):
         encode_image(clip, images, Injection(prompts={0: torch.randn(2, spec.vision_width),
                                                       1: torch.randn(3, spec.vision_width)}))
+
+
+@pytest.mark.parametrize("pooled_only", [False, True])
+def test_shared_prompt_prefix_is_encoded_once_and_exactly(tiny, pooled_only):
+    clip, tokenizer, spec = tiny
+    from mmprompt.encoders import shared_prefix_length
+
+    texts = ["X X of a dog.", "X X of a very big orange cat.", "X X of a tree."]
+    prompts = tokenize_prompts(clip, tokenizer, texts)
+    assert shared_prefix_length(prompts.token_ids, prompts.eot_positions) == 5  # SOS X X of a
+    torch.manual_seed(4)
+    injection = _random_injection(spec, "text")
+    for tensor in injection.tensors():
+        tensor.requires_grad_(True)
+    outputs, grads = [], []
+    for share in (False, True):
+        features = encode_text(clip, prompts, injection, pooled_only=pooled_only, share_prefix=share)
+        outputs.append(features.detach())
+        grads.append(torch.autograd.grad(features.square().sum(), list(injection.tensors())))
+    _close(outputs[1], outputs[0])
+    for shared, plain in zip(grads[1], grads[0]):
+        _close(shared, plain)
+    _close(outputs[0], encode_text(clip, prompts, injection).detach())
