@@ -139,6 +139,9 @@ def test_loading_another_adapters_checkpoint_says_what_differs(tmp_path, synthet
     deeper = PromptCLIPModule(MaPLe(depth=4), model_name=TINY, pretrained=None)
     with pytest.raises(ValueError, match="adapter tensor shapes differ"):
         _trainer(tmp_path).test(deeper, datamodule=_datamodule(synthetic_root), ckpt_path=str(path))
+    other_backbone = PromptCLIPModule(MaPLe(depth=3), model_name="mmprompt-tiny-wide", pretrained=None)
+    with pytest.raises(ValueError, match=r"model_name: checkpoint 'mmprompt-tiny', this model 'mmprompt-tiny-wide'"):
+        other_backbone.on_load_checkpoint(torch.load(path, weights_only=False))
     partial = {key: value for key, value in deeper.state_dict().items() if key != "adapter.text.deep"}
     with pytest.raises(ValueError, match=r"1 missing adapter tensors \(first: \['adapter.text.deep'\]\)"):
         deeper.load_state_dict(partial)
