@@ -92,30 +92,14 @@ def run_block(
     attn_bias: Tensor | None = None,
     mlp_bias: Tensor | None = None,
     query_rows: Tensor | None = None,
-) -> Tensor:
-    """open_clip's block forward, with attention done by ``attend`` and optional additive biases.
+    prefix: KeysValues | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """open_clip's block forward with attention done by ``attend`` and optional additive biases;
+    returns the new hidden states and the keys and values of ``x``'s own tokens.
 
     ``query_rows`` (N,) keeps one row per sequence (the pooled token): keys and values still come
     from the whole sequence, but only that row is updated, and (N, 1, width) is returned. Exact for
-    the last block, whose other rows are never read.
-    """
-    return run_block_kv(block, x, attn_mask, attend, site, attn_bias, mlp_bias, query_rows)[0]
-
-
-def run_block_kv(
-    block: ResidualAttentionBlock,
-    x: Tensor,
-    attn_mask: Tensor | None,
-    attend: AttendFn,
-    site: AttentionSite,
-    attn_bias: Tensor | None = None,
-    mlp_bias: Tensor | None = None,
-    query_rows: Tensor | None = None,
-    prefix: KeysValues | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`run_block` that also returns the keys and values of ``x``'s own tokens.
-
-    ``prefix`` holds keys and values of tokens that precede ``x`` (a prompt prefix shared by every
+    the last block, whose other rows are never read. ``prefix`` holds keys and values of tokens that precede ``x`` (a prompt prefix shared by every
     class): they are attended to but not recomputed; ``attn_mask`` then spans prefix + ``x``.
     """
     attn = block.attn
@@ -181,7 +165,7 @@ def _run_blocks(
             block, x, attn_mask, attend, make_site(index),
             injection.attn_bias.get(index), injection.mlp_bias.get(index),
             query_rows=last_rows if index == last else None,
-        )
+        )[0]
     return x
 
 
@@ -333,9 +317,9 @@ def _run_blocks_shared_prefix(
             prefix = _replace_slots(prefix, injection.prompts[index], start=1)
         biases = injection.attn_bias.get(index), injection.mlp_bias.get(index)
         site = make_site(index)
-        prefix, keys, values = run_block_kv(block, prefix, prefix_mask, attend, site, *biases)
+        prefix, keys, values = run_block(block, prefix, prefix_mask, attend, site, *biases)
         rows = last_rows - prefix_length if index == last and last_rows is not None else None
-        x = run_block_kv(block, x, rest_mask, attend, site, *biases, query_rows=rows, prefix=(keys, values))[0]
+        x = run_block(block, x, rest_mask, attend, site, *biases, query_rows=rows, prefix=(keys, values))[0]
     return x
 
 
