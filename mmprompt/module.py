@@ -30,7 +30,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning internals
 
 ADAPTER_PREFIX = "adapter."
-EVAL_STAGES = ("validate", "test")
+EVAL_STAGES = ("validate", "test")  # evaluated during fit; predict reads the test classes
 METRIC_PREFIX = {"validate": "val", "test": "test"}
 
 
@@ -161,22 +161,23 @@ class PromptCLIPModule(L.LightningModule):
 
     @property
     def _pooled_only(self) -> bool:
-        return self._plain_fused and self.hparams.get("prune_last_layer", True)
+        return self._plain_fused and self.hparams.prune_last_layer
 
     @property
     def _share_text_prefix(self) -> bool:
-        return self._plain_fused and self.hparams.get("share_text_prefix", True)
+        return self._plain_fused and self.hparams.share_text_prefix
 
     @property
     def _bucket_text(self) -> bool:
-        return self._plain_fused and self.hparams.truncate_text and self.hparams.get("bucket_text", False)
+        return self._plain_fused and self.hparams.truncate_text and self.hparams.bucket_text
 
     # ------------------------------------------------------------------ class sets
 
     def set_class_sets(self, train: ClassSet | None = None, validate: list[ClassSet] | None = None,
                        test: list[ClassSet] | None = None) -> None:
         """Choose the classes per stage by hand (without a datamodule), e.g. novel classes at test."""
-        for stage, value in (("fit", [train] if train else None), ("validate", validate), ("test", test)):
+        for stage, value in (("fit", [train] if train else None), ("validate", validate), ("test", test),
+                             ("predict", test)):
             if value is not None:
                 self._class_sets[stage] = list(value)
         self._text_cache.clear()
@@ -197,8 +198,7 @@ class PromptCLIPModule(L.LightningModule):
             if stage == "fit":
                 self._class_sets["fit"] = [datamodule.train_classes]
             for eval_stage in EVAL_STAGES if stage == "fit" else (stage,):
-                if eval_stage in EVAL_STAGES:
-                    self._class_sets[eval_stage] = datamodule.eval_classes(eval_stage)
+                self._class_sets[eval_stage] = datamodule.eval_classes(eval_stage)
         for metric_stage, sets in self._class_sets.items():
             for index, classes in enumerate(sets):
                 name = self._metric_key(metric_stage, index)
@@ -293,7 +293,7 @@ class PromptCLIPModule(L.LightningModule):
         return self._eval_step("test", batch, dataloader_idx)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        logits = self(batch["image"], self.class_sets("test")[dataloader_idx])
+        logits = self(batch["image"], self.class_sets("predict")[dataloader_idx])
         return {"prediction": logits.argmax(dim=-1), "probability": logits.softmax(dim=-1)}
 
     def on_validation_epoch_start(self) -> None:

@@ -192,3 +192,12 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(io.load_checkpoint(path)["state_dict"]["adapter.x"], torch.ones(3))
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_predict_returns_probabilities_over_each_test_class_set(tmp_path, synthetic_root):
+    module = PromptCLIPModule(MaPLe(depth=3), model_name=TINY, pretrained=None)
+    outputs = _trainer(tmp_path, limit_predict_batches=1).predict(module, datamodule=_datamodule(synthetic_root))
+    base, novel = outputs  # one list of batches per test dataloader: base and new classes
+    assert base[0]["probability"].shape == (10, 5) and novel[0]["probability"].shape == (10, 5)
+    assert torch.allclose(base[0]["probability"].sum(-1), torch.ones(10))
+    assert torch.equal(base[0]["prediction"], base[0]["probability"].argmax(-1))
