@@ -35,6 +35,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "check-data": ("mmprompt.data.check", "check a dataset tree before training"),
     "make-split": ("mmprompt.data.custom", "write a split file from a class-per-folder tree"),
     "interventions": ("mmprompt.analysis.interventions", "evaluate a checkpoint under every route intervention"),
+    "prompt-analysis": ("mmprompt.analysis.prompts", "nearest words of text prompts; vision prompts vs fg/bg patches"),
 }
 
 

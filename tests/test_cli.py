@@ -205,3 +205,13 @@ def test_own_class_per_folder_data_trains_end_to_end_and_masks_feed_the_statisti
     summary = json.loads((tmp_path / "runs" / "shapes" / "version_0" / "attention_stats.json").read_text())
     ratios = [value for layer in summary["vision"]["fg_ratio"] for value in layer]
     assert ratios and all(value == value and value > 0 for value in ratios)  # recorded against the masks
+
+
+def test_prompt_analysis_command_writes_both_tables(data_root, tmp_path, capsys):
+    _fit(data_root, tmp_path, "analysed", "--trainer.max_epochs", "1")
+    config = tmp_path / "demo" / "analysed" / "config.yaml"
+    assert main(["prompt-analysis", "--config", str(config), "--max_batches", "1"]) == 0
+    words = (tmp_path / "demo" / "analysed" / "prompt_words.csv").read_text().splitlines()
+    assert len(words) == 1 + 9 * 2  # header + MaPLe's 9 layers x 2 context tokens
+    assert (tmp_path / "demo" / "analysed" / "vision_prompt_similarity.md").is_file()
+    assert "vision_prompt_similarity:" in capsys.readouterr().out

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from itertools import chain
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..encoders import encode_image
-from .common import batch_to, write_table
+from .common import batch_to, markdown_table, write_table
 from .statistics import mask_patches
 
 
@@ -30,8 +31,8 @@ def learned_text_prompts(module) -> dict[int, Tensor]:
 
 
 def decode_token(tokenizer, token_id: int) -> str:
-    """A BPE token as text (``</w>`` marks a word end)."""
-    return tokenizer.decoder[int(token_id)].replace("</w>", "")
+    """A BPE token as text: the tokenizer's own byte-level decoding (emoji and accents intact)."""
+    return tokenizer.decode([int(token_id)]).strip()
 
 
 @torch.no_grad()
@@ -147,3 +148,29 @@ def write_prompt_analysis(module, batches: Iterable[dict] | None, output_dir: st
     for name, rows in tables.items():
         write_table(rows, folder / name)
     return tables
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mmprompt prompt-analysis --config RUN/config.yaml``: both tables for a trained run."""
+    import argparse
+
+    from .interventions import default_checkpoint, load_run
+
+    parser = argparse.ArgumentParser(prog="mmprompt prompt-analysis", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="config.yaml of a run folder")
+    parser.add_argument("--ckpt_path", default=None,
+                        help="checkpoint with the trained adapter (default: checkpoints/last.ckpt next to the config)")
+    parser.add_argument("--k", type=int, default=5, help="nearest vocabulary words per prompt token")
+    parser.add_argument("--max_batches", type=int, default=10, help="test batches for the vision-prompt similarity")
+    parser.add_argument("--output_dir", default=None, help="folder for the tables (default: the config's folder)")
+    args = parser.parse_args(argv)
+    module, datamodule = load_run(args.config, args.ckpt_path or default_checkpoint(args.config))
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    loaders = datamodule.test_dataloader()
+    batches = chain.from_iterable(loaders) if isinstance(loaders, list) else loaders  # lazily: max_batches
+    tables = write_prompt_analysis(module.eval(), batches, args.output_dir or Path(args.config).parent, args.k,
+                                   args.max_batches)
+    for name, rows in tables.items():
+        print(f"{name}:\n{markdown_table(rows)}\n")
+    return 0
