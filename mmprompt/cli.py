@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from . import __version__
 from .checkpoint_io import AtomicCheckpointIO
+from .data.catalog import write_json_atomic
 from .data.datamodule import FewShotDataModule
 from .module import PromptCLIPModule
 
@@ -85,12 +85,6 @@ def claim_run_dir(out_dir: str, name: str, version: str | None) -> Path:
                 continue
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
-
-
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 class MMPromptCLI(LightningCLI):
@@ -161,7 +155,7 @@ class MMPromptCLI(LightningCLI):
             "shots": config.data.shots, "subsample": config.data.subsample, "model_name": config.model.model_name,
             "stage": self.subcommand, "metrics": results,
         }
-        write_json_atomically(self.run_dir / RESULTS_FILE, payload)
+        write_json_atomic(self.run_dir / RESULTS_FILE, payload, indent=2)
         print_results(results, self.run_dir)
 
 

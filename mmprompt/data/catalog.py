@@ -116,14 +116,14 @@ def read_json(path: Path, what: str, layout: str = "") -> Any:
         raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
     """Write JSON through a temporary file and ``os.replace`` so concurrent readers (other ranks)
     see either nothing or the whole file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
+            json.dump(data, f, indent=indent)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
