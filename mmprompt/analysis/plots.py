@@ -72,7 +72,8 @@ def plot_attention_overlays(images: Tensor, maps: dict[str, Tensor], path: Path,
             axis.axis("off")
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    # leave a fixed band above the grid for the title, so it never covers the column names
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / figure.get_figheight()) if title else None)
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
