@@ -23,8 +23,8 @@ from .checkpoint_io import AtomicCheckpointIO
 from .data.catalog import write_json_atomic
 from .data.datamodule import FewShotDataModule
 from .module import PromptCLIPModule
+from .report import RESULTS_FILE
 
-RESULTS_FILE = "results.json"
 RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it launches inherit it
 ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError)
 

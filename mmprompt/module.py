@@ -22,6 +22,7 @@ from .attention import AttendFn, fused_attention, softmax_attention
 from .backbone import BackboneSpec, get_tokenizer, load_clip, shape_mismatches, shapes_of
 from .data.protocol import ClassSet, ProvidesClassSets
 from .encoders import TokenizedPrompts, encode_image, encode_text, tokenize_prompts
+from .report import harmonic_mean
 from .schedule import warmup_cosine_factor
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,6 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 ADAPTER_PREFIX = "adapter."
 EVAL_STAGES = ("validate", "test")  # evaluated during fit; predict reads the test classes
 METRIC_PREFIX = {"validate": "val", "test": "test"}
-
-
-def harmonic_mean(base: float, new: float) -> float:
-    """HM = 2·B·N / (B + N), the base-to-novel summary."""
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
 def rng_snapshot() -> dict[str, Any]:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from .data.protocol import normalise_name  # torch-free: the data package imports lazily
+
 RESULTS_FILE = "results.json"
 SOURCE_DATASET = "imagenet"
 TRANSFER_PROTOCOL_PREFIXES = ("cross_dataset", "domain_generalization")
@@ -57,21 +59,16 @@ DATASET_ALIASES: dict[str, str] = {
 }
 
 
-def normalise(name: str) -> str:
-    """Case/punctuation-insensitive key, the registry's rule, so ``OxfordPets`` matches ``oxford_pets``."""
-    return "".join(c for c in name.lower() if c.isalnum())
-
-
-_DATASET_KEYS = {normalise(d): d for d in STANDARD_DATASETS + DG_TARGETS} | DATASET_ALIASES
+_DATASET_KEYS = {normalise_name(d): d for d in STANDARD_DATASETS + DG_TARGETS} | DATASET_ALIASES
 
 
 def canonical_dataset(name: str) -> str:
     """The config stem of a dataset name as the CLI may have written it (``EuroSAT`` -> ``eurosat``)."""
-    return _DATASET_KEYS.get(normalise(name), name)
+    return _DATASET_KEYS.get(normalise_name(name), name)
 
 
 def harmonic_mean(base: float, new: float) -> float:
-    """HM = 2·B·N / (B + N), the base-to-novel summary (same rule as ``mmprompt.module``)."""
+    """HM = 2·B·N / (B + N), the base-to-novel summary (the module logs test/hm with this too)."""
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
@@ -268,8 +265,8 @@ class Table:
 
 def method_order(method: str) -> tuple[int, str]:
     """Zero-shot and the published methods first, bias tuning last, unknown methods alphabetically."""
-    order = [normalise(label) for label in METHOD_LABELS.values()]
-    key = normalise(method)
+    order = [normalise_name(label) for label in METHOD_LABELS.values()]
+    key = normalise_name(method)
     return (order.index(key), "") if key in order else (len(order), key)
 
 

@@ -20,7 +20,8 @@ from mmprompt.analysis import (
 )
 from mmprompt.analysis.common import resolve_layers
 from mmprompt.analysis.interventions import MODES, MeanBiasCollector, intervened_output, target_layers
-from mmprompt.analysis.statistics import mask_patches, patch_attention
+from mmprompt.analysis.statistics import patch_attention
+from mmprompt.data.masks import mask_to_patch_grid
 from mmprompt.analysis.decomposition import decompose_scores, rows_seeing_prompts
 from mmprompt.attention import AttentionSite, fused_attention, softmax_attention
 from mmprompt.data.protocol import ClassSet
@@ -215,7 +216,7 @@ def test_masks_follow_the_test_crop_to_the_patch_grid():
     mask[:, 88:128] = 1.0  # resized: columns 44..63 → cropped: columns 28..31 (a 4-pixel strip)
     mask[16:48, 48:80] = 1.0  # resized: rows 8..23, columns 24..39 → cropped: columns 8..23
     _, aligned = transform_pair(build_transform(False, image_size=32), image, mask)
-    grid = mask_patches(aligned[None], patch_size=8).view(4, 4)
+    grid = mask_to_patch_grid(aligned[None], patch_size=8).view(4, 4)
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[1:3, 1:3] = True  # the central square; the 4-pixel strip covers half of column 3: counts (≥ 50%)
     expected[:, 3] = True

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..encoders import encode_image
 from .common import batch_to, markdown_table, write_table
-from .statistics import mask_patches
+from ..data.masks import mask_to_patch_grid
 
 
 def learned_text_prompts(module) -> dict[int, Tensor]:
@@ -111,7 +111,7 @@ def vision_prompt_similarity(module, batches: Iterable[dict], max_batches: int =
             if "mask" not in batch:
                 raise ValueError("the prompt/patch similarity needs foreground masks: batches without 'mask' "
                                  "(set data.with_masks: true and use a dataset with masks)")
-            foreground = mask_patches(batch["mask"], module.spec.patch_size, mask_threshold)
+            foreground = mask_to_patch_grid(batch["mask"], module.spec.patch_size, mask_threshold)
             tracker.foreground = foreground & batch["has_mask"].bool()[:, None]
             encode_image(module.clip, batch["image"], injection)
     finally:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..attention import AttentionSite, fused_attention
+from ..data.masks import mask_to_patch_grid
 from .common import ReduceFn, markdown_table, run_folder, trainer_sum, write_table
 from .decomposition import Decomposition, decompose_scores, row_scores
 
@@ -41,13 +42,6 @@ def foreground_statistics(attention: Tensor, foreground: Tensor) -> tuple[Tensor
     valid = fraction > 0
     ratio = share / fraction.clamp(min=1e-30)[:, None]
     return share, ratio, valid
-
-
-def mask_patches(mask: Tensor, patch_size: int, threshold: float = 0.5) -> Tensor:
-    """Foreground patches of aligned (N, H, W) masks; a patch counts if ≥ ``threshold`` covered."""
-    from ..data.masks import mask_to_patch_grid
-
-    return mask_to_patch_grid(mask, patch_size, threshold)
 
 
 @dataclass
@@ -253,7 +247,7 @@ class AttentionStatistics(L.Callback):
         module.attention_probe = self.probe
         foreground = None
         if "mask" in batch:
-            foreground = mask_patches(batch["mask"], module.spec.patch_size, self.mask_threshold)
+            foreground = mask_to_patch_grid(batch["mask"], module.spec.patch_size, self.mask_threshold)
         self.probe.set_batch(foreground, batch.get("has_mask"))
         if stage == "test" and trainer.is_global_zero:
             self._keep_overlay_images(batch)

@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
+def normalise_name(name: str) -> str:
+    """Dataset/method name key: case-insensitive, ignoring "-", "_" and spaces (``OxfordPets`` = ``oxford_pets``)."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
 @dataclass(frozen=True)
 class ClassSet:
     """The classes one classifier head covers, with the dataset's zero-shot prompt templates.

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from .catalog import Catalog
+from .protocol import normalise_name
 from .masks import (
     AircraftBoxes,
     CaltechContours,
@@ -138,10 +139,6 @@ def register(spec: DatasetSpec) -> DatasetSpec:
     for key in (spec.name, *spec.aliases):
         REGISTRY[normalise_name(key)] = spec
     return spec
-
-
-def normalise_name(name: str) -> str:
-    return "".join(c for c in name.lower() if c.isalnum())
 
 
 def canonical_names() -> list[str]:
