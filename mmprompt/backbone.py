@@ -19,6 +19,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 BUNDLED_CONFIG_DIR = Path(__file__).parent / "model_configs"
+BUNDLED_WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: pretrained tags whose weights ship in the package: (model_name, tag) -> file in BUNDLED_WEIGHTS_DIR
+BUNDLED_PRETRAINED = {("mmprompt-tiny", "synthetic-world"): "mmprompt-tiny-synthetic-world.pt"}
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 CHECKPOINT_FORMATS = (
     "an OpenAI TorchScript archive, a plain state dict, or an open_clip training checkpoint "
@@ -77,6 +80,17 @@ def is_local_checkpoint(pretrained: str | None) -> bool:
     if pretrained is None:
         return False
     return os.path.sep in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".ckpt"}
+
+
+def bundled_weights(model_name: str, pretrained: str | None) -> Path | None:
+    """The packaged weights file of a bundled tag (e.g. ``mmprompt-tiny`` + ``synthetic-world``), else None."""
+    if pretrained is None or pretrained not in {tag for _, tag in BUNDLED_PRETRAINED}:
+        return None
+    file = BUNDLED_PRETRAINED.get((model_name, pretrained))
+    if file is None:
+        models = sorted(name for name, tag in BUNDLED_PRETRAINED if tag == pretrained)
+        raise ValueError(f"pretrained={pretrained!r} holds weights for model_name {models}, not {model_name!r}")
+    return BUNDLED_WEIGHTS_DIR / file
 
 
 def _is_torchscript_archive(path: Path) -> bool:
@@ -151,8 +165,9 @@ def freeze(model: nn.Module) -> nn.Module:
 def load_clip(model_name: str, pretrained: str | None = None, force_quick_gelu: bool = False) -> nn.Module:
     """Build a frozen open_clip CLIP.
 
-    ``pretrained`` is an open_clip tag (``"openai"``, needs the weights cache or network), a path to
-    a local checkpoint file, or None for random weights. OpenAI weights always get QuickGELU: a GELU
+    ``pretrained`` is an open_clip tag (``"openai"``, needs the weights cache or network), a tag whose
+    weights ship in the package (``"synthetic-world"`` for ``mmprompt-tiny``), a path to a local
+    checkpoint file, or None for random weights. OpenAI weights always get QuickGELU: a GELU
     model with OpenAI weights runs without error but is silently worse.
     """
     register_bundled_configs()
@@ -162,6 +177,7 @@ def load_clip(model_name: str, pretrained: str | None = None, force_quick_gelu: 
             f"ViT-B-16-quickgelu, ViT-B-32-quickgelu, ViT-L-14, or the bundled tiny configs "
             f"{sorted(p.stem for p in BUNDLED_CONFIG_DIR.glob('*.json'))}"
         )
+    pretrained = str(bundled_weights(model_name, pretrained) or pretrained) if pretrained is not None else None
     if is_local_checkpoint(pretrained):
         state_dict, is_openai = read_checkpoint_state_dict(pretrained)
         quick_gelu = force_quick_gelu or is_openai

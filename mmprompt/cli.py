@@ -87,15 +87,19 @@ def claim_run_dir(out_dir: str, name: str, version: str | None) -> Path:
     return run_dir
 
 
+def add_run_folder_arguments(parser: LightningArgumentParser, default_name: str) -> None:
+    """--out_dir/--name/--version: where a run's folder goes (shared by every LightningCLI here)."""
+    parser.add_argument("--out_dir", type=str, default="runs", help="Parent folder of all runs.")
+    parser.add_argument("--name", type=str | None, default=None, help=f"Run group; default {default_name}.")
+    parser.add_argument("--version", type=str | None, default=None,
+                        help="Run folder inside the group; default the next free 'version_N'.")
+
+
 class MMPromptCLI(LightningCLI):
     """LightningCLI with run folders, adapter-only checkpoints, test-after-fit and results.json."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--out_dir", type=str, default="runs", help="Parent folder of all runs.")
-        parser.add_argument("--name", type=str | None, default=None,
-                            help="Run group; default '<Adapter>-<dataset>'.")
-        parser.add_argument("--version", type=str | None, default=None,
-                            help="Run folder inside the group; default the next free 'version_N'.")
+        add_run_folder_arguments(parser, "'<Adapter>-<dataset>'")
         parser.add_argument("--protocol", type=str, default="custom",
                             help="Label stored in results.json (base2new, fewshot, cross_dataset, ...).")
         parser.add_argument("--test_after_fit", type=bool, default=True,
@@ -159,6 +163,35 @@ class MMPromptCLI(LightningCLI):
         print_results(results, self.run_dir)
 
 
+class PretrainCLI(MMPromptCLI):
+    """``mmprompt pretrain``: the same run folders, loggers and atomic checkpoints, for `PretrainCLIP`;
+    after fit the weights are exported as a plain open_clip state dict (``open_clip_weights.pt``)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_run_folder_arguments(parser, "'pretrain-<model_name>'")
+        parser.link_arguments("model.model_name", "data.image_size", compute_fn=image_size_of)
+        parser.link_arguments("model.model_name", "data.tokenizer")
+
+    def _default_name(self) -> str:
+        return f"pretrain-{self._run_config().model.model_name}"
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero and not self.trainer.interrupted and not self.trainer.fast_dev_run:
+            path = self.model.export(self.run_dir / PRETRAINED_WEIGHTS_FILE)
+            print(f"  open_clip weights: {path}")
+
+
+PRETRAINED_WEIGHTS_FILE = "open_clip_weights.pt"
+
+
+def pretrain_main(argv: list[str]) -> PretrainCLI:
+    """``mmprompt pretrain [--config world.yaml] [--key value ...]`` = fit of `PretrainCLIP` on the captioned world."""
+    from .pretrain import PretrainCLIP, WorldDataModule
+
+    return PretrainCLI(PretrainCLIP, WorldDataModule, args=["fit", *argv], seed_everything_default=0,
+                       save_config_kwargs={"overwrite": True})
+
+
 def print_results(results: dict[str, float], run_dir: Path) -> None:
     width = max(len(name) for name in results)
     print("\n" + "\n".join(f"  {name:<{width}}  {value:6.2f}" for name, value in results.items()))
@@ -175,6 +208,7 @@ def run_tool(command: str, argv: list[str]) -> int:
 def print_top_level_help() -> None:
     print(f"mmprompt {__version__}: prompt and bias adapters for a frozen CLIP\n")
     print("usage: mmprompt {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]")
+    print("       mmprompt pretrain --config configs/pretrain/world.yaml   (pretrain a tiny CLIP on the captioned world)")
     print("       mmprompt {" + ",".join(TOOLS) + "} [options]\n")
     for command, (_, description) in TOOLS.items():
         print(f"  {command:<14} {description}")
@@ -205,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] in TOOLS:
             return run_tool(argv[0], argv[1:])
+        if argv[0] == "pretrain":
+            pretrain_main(argv[1:])
+            return 0
         cli_main(None if from_command_line else argv)
     except ERRORS_SHOWN_WITHOUT_TRACEBACK as error:
         if os.environ.get("MMPROMPT_DEBUG"):

@@ -120,11 +120,12 @@ def variant(name: str, folder: str, image_dir: str, parser, layout_dirs: str, al
 
 def _synthetic_specs() -> list[DatasetSpec]:
     from .synthetic import SYNTHETIC_VARIANTS, generate_synthetic
+    from .world import WORLD_SHAPES
 
     return [
         zhou(v.folder, v.folder, "images", split_name=v.split_name, masks=_synthetic_masks,
              extra_layout="  masks/<class>/<image>.png\n", generate=partial(generate_synthetic, variant=v))
-        for v in SYNTHETIC_VARIANTS
+        for v in (*SYNTHETIC_VARIANTS, WORLD_SHAPES)
     ]
 
 

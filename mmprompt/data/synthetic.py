@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -58,6 +59,34 @@ class SyntheticVariant:
     @property
     def split_file(self) -> str:
         return f"split_zhou_{self.split_name}.json"
+
+    @property
+    def classnames(self) -> tuple[str, ...]:
+        return tuple(CLASSES)
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        return SPLIT_SIZES
+
+    def render(self, class_index: int, index: int) -> tuple[Image.Image, Image.Image]:
+        return render(self, class_index, index)
+
+
+class GeneratedDataset(Protocol):
+    """What `generate_synthetic` needs of a generated dataset: where it goes, its classes and a renderer."""
+
+    folder: str
+
+    @property
+    def split_file(self) -> str: ...
+
+    @property
+    def classnames(self) -> tuple[str, ...]: ...
+
+    @property
+    def split_sizes(self) -> dict[str, int]: ...
+
+    def render(self, class_index: int, index: int) -> tuple[Image.Image, Image.Image]: ...
 
 
 SYNTHETIC_VARIANTS = (
@@ -156,18 +185,18 @@ def render(variant: SyntheticVariant, class_index: int, index: int) -> tuple[Ima
     return Image.fromarray(pixels, "RGB"), Image.fromarray(mask.astype(np.uint8) * 255, "L")
 
 
-def write_tree(target: Path, variant: SyntheticVariant) -> None:
+def write_tree(target: Path, variant: GeneratedDataset) -> None:
     """Write images, masks and the split file of ``variant`` into ``target``."""
     from .catalog import write_json_atomic
 
-    split: dict[str, list[list]] = {name: [] for name in SPLIT_SIZES}
-    for label, name in enumerate(CLASSES):
+    split: dict[str, list[list]] = {name: [] for name in variant.split_sizes}
+    for label, name in enumerate(variant.classnames):
         (target / "images" / name).mkdir(parents=True)
         (target / "masks" / name).mkdir(parents=True)
         index = 0
-        for split_name, count in SPLIT_SIZES.items():
+        for split_name, count in variant.split_sizes.items():
             for _ in range(count):
-                image, mask = render(variant, label, index)
+                image, mask = variant.render(label, index)
                 rel = f"{name}/{name}_{index:04d}.png"
                 image.save(target / "images" / rel, compress_level=1)
                 mask.save(target / "masks" / rel, compress_level=1)
@@ -176,7 +205,7 @@ def write_tree(target: Path, variant: SyntheticVariant) -> None:
     write_json_atomic(target / variant.split_file, split)
 
 
-def generate_synthetic(root: str | Path, variant: SyntheticVariant = SYNTHETIC_VARIANTS[0]) -> Path:
+def generate_synthetic(root: str | Path, variant: GeneratedDataset = SYNTHETIC_VARIANTS[0]) -> Path:
     """Create ``<root>/<variant.folder>`` unless it is already complete; return it."""
     root = Path(root)
     target = root / variant.folder
