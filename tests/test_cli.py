@@ -64,7 +64,19 @@ def test_every_protocol_config_runs_one_batch(protocol, data_root, tmp_path):
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
-@pytest.mark.parametrize("dataset", [p for p in DATASETS if not p.stem.startswith("synthetic")], ids=lambda p: p.stem)
+def is_generated(config: Path) -> bool:
+    return get_spec(yaml_value(config, "dataset")).generate is not None
+
+
+@pytest.mark.parametrize("dataset", [p for p in DATASETS if is_generated(p)], ids=lambda p: p.stem)
+def test_every_generated_dataset_config_runs_one_batch(dataset, tmp_path):
+    cli = cli_main(["test", "--config", str(CONFIGS / "methods" / "zero_shot.yaml"), "--config", str(dataset),
+                    *quick_args(tmp_path / "data", tmp_path / "runs")])
+    assert set(cli.model.test_results) == {"test/all/acc"}
+    assert cli.datamodule.spec.name == yaml_value(dataset, "dataset")
+
+
+@pytest.mark.parametrize("dataset", [p for p in DATASETS if not is_generated(p)], ids=lambda p: p.stem)
 def test_every_dataset_config_runs_one_batch_on_a_fake_tree(dataset, tmp_path):
     name = get_spec(yaml_value(dataset, "dataset")).name
     make_fake(name, tmp_path / "data")
