@@ -104,6 +104,8 @@ class MMPromptCLI(LightningCLI):
                             help="Label stored in results.json (base2new, fewshot, cross_dataset, ...).")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the final model and write results.json.")
+        parser.add_argument("--compare_zero_shot", type=bool, default=False,
+                            help="After fit, also test zero-shot CLIP (same backbone and classes) and print both.")
         parser.link_arguments("model.model_name", "data.image_size", compute_fn=image_size_of)
         if "verbose" in parser.get_defaults():  # validate/test: our summary names base/new; Lightning's table can't
             parser.set_defaults(verbose=False)
@@ -141,14 +143,35 @@ class MMPromptCLI(LightningCLI):
     # ------------------------------------------------------------------ after the stages
 
     def after_fit(self) -> None:
-        if self._run_config().test_after_fit and not self.trainer.interrupted:
+        config = self._run_config()
+        if config.test_after_fit and not self.trainer.interrupted:
+            baseline = self._test_zero_shot() if config.compare_zero_shot else None
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-            self._write_results()
+            self._write_results(baseline)
+
+    def _test_zero_shot(self) -> dict[str, float]:
+        """Zero-shot CLIP's test accuracies on the same classes, with the run's callbacks and loggers
+        set aside (they describe the tuned model); every rank runs it, so DDP stays in step."""
+        from lightning.pytorch.callbacks import ProgressBar
+
+        from .adapters import ZeroShot
+
+        hparams = self.model.hparams
+        baseline = PromptCLIPModule(ZeroShot(), model_name=hparams.model_name, pretrained=hparams.pretrained,
+                                    force_quick_gelu=hparams.force_quick_gelu)
+        callbacks, loggers = self.trainer.callbacks, self.trainer.loggers
+        self.trainer.callbacks = [callback for callback in callbacks if isinstance(callback, ProgressBar)]
+        self.trainer.loggers = []
+        try:
+            self.trainer.test(baseline, datamodule=self.datamodule, verbose=False)
+        finally:
+            self.trainer.callbacks, self.trainer.loggers = callbacks, loggers
+        return baseline.test_results
 
     def after_test(self) -> None:
         self._write_results()
 
-    def _write_results(self) -> None:
+    def _write_results(self, zero_shot: dict[str, float] | None = None) -> None:
         results = getattr(self.model, "test_results", None)
         if not results or not self.trainer.is_global_zero or self.trainer.fast_dev_run:
             return
@@ -159,8 +182,12 @@ class MMPromptCLI(LightningCLI):
             "shots": config.data.shots, "subsample": config.data.subsample, "model_name": config.model.model_name,
             "stage": self.subcommand, "metrics": results,
         }
+        columns = {type(self.model.adapter).__name__: results}
+        if zero_shot is not None:
+            payload["zero_shot_metrics"] = zero_shot
+            columns = {"zero-shot": zero_shot, **columns}
         write_json_atomic(self.run_dir / RESULTS_FILE, payload, indent=2)
-        print_results(results, self.run_dir)
+        print_results(columns, self.run_dir)
 
 
 class PretrainCLI(MMPromptCLI):
@@ -192,9 +219,14 @@ def pretrain_main(argv: list[str]) -> PretrainCLI:
                        save_config_kwargs={"overwrite": True})
 
 
-def print_results(results: dict[str, float], run_dir: Path) -> None:
-    width = max(len(name) for name in results)
-    print("\n" + "\n".join(f"  {name:<{width}}  {value:6.2f}" for name, value in results.items()))
+def print_results(columns: dict[str, dict[str, float]], run_dir: Path) -> None:
+    """Accuracies (%) of one or more models side by side, one row per metric."""
+    metrics = list(next(iter(reversed(columns.values()))))
+    width = max(len(name) for name in metrics)
+    header = "".join(f"  {title:>10}" for title in columns)
+    rows = [f"  {name:<{width}}" + "".join(f"  {column.get(name, float('nan')):10.2f}" for column in columns.values())
+            for name in metrics]
+    print("\n" + "\n".join([f"  {'':<{width}}{header}", *rows]))
     print(f"  results: {run_dir / RESULTS_FILE}")
 
 
