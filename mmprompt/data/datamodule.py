@@ -145,7 +145,7 @@ class FewShotDataModule(L.LightningDataModule):
         kept = class_subset(len(self.catalog.classnames), subsample)
         masks = self.spec.masks() if self.with_masks and self.spec.masks is not None else None
         transform = build_transform(train, self.image_size, self.mean, self.std)
-        return ItemDataset(self.spec.dataset_dir(self.root), relabel(items, kept), transform, masks)
+        return ItemDataset(self.spec.dataset_dir(self.root), relabel(items, kept), transform, masks, self.spec.name)
 
     def loaders(self, key: str, batch_size: int, shuffle: bool) -> list[DataLoader]:
         if key not in self.datasets:
