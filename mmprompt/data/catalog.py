@@ -174,6 +174,19 @@ def open_rgb(path: Path, dataset: str = "") -> Image.Image:
         ) from err
 
 
+def require_files(base_dir: Path, items: Iterable[Item], where: str, shown: int = 5) -> None:
+    """Stat every listed image now, so a missing file stops the run before training, not mid-epoch;
+    the error names the first ``shown`` missing paths and how many there are."""
+    missing = [item.path for item in items if not (base_dir / item.path).is_file()]
+    if missing:
+        listed = "\n".join(f"  {base_dir / path}" for path in missing[:shown])
+        more = f"\n  ... and {len(missing) - shown} more" if len(missing) > shown else ""
+        raise FileNotFoundError(
+            f"{where}: {len(missing)} image(s) listed in the split do not exist under {base_dir}:\n{listed}{more}\n"
+            "restore them or remove them from the split file (mmprompt check-data lists every problem)"
+        )
+
+
 def require_dir(path: Path, layout: str) -> Path:
     """Return ``path`` if it is a folder, else raise naming it and the expected layout."""
     if not path.is_dir():
