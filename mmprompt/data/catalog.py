@@ -169,8 +169,8 @@ def open_rgb(path: Path, dataset: str = "") -> Image.Image:
             return to_rgb(img)
     except Exception as err:  # PIL raises several types for corrupt files
         raise UnreadableFile(
-            f"cannot read image {path}{listed_by}: {err}; the file is corrupt or truncated: "
-            "replace it, or remove it from the split file (mmprompt check-data lists every such file)"
+            f"cannot read image {path}{listed_by}: {err}. Replace the file (is it truncated or corrupt?) or "
+            "remove it from the split file; mmprompt check-data lists every such file"
         ) from err
 
 
