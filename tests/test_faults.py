@@ -285,6 +285,9 @@ def test_interventions_without_a_checkpoint_is_an_error_unless_asked(trained, tm
     assert_clear_error(capsys, str(tmp_path / "checkpoints" / "last.ckpt"), "--allow_no_checkpoint")
     assert main(["prompt-analysis", "--config", str(config)]) == 2
     assert_clear_error(capsys, "--allow_no_checkpoint")
+    config.write_text("model:\n  adapter: {class_path: x\n")
+    assert main(["interventions", "--config", str(config), "--allow_no_checkpoint"]) == 2
+    assert_clear_error(capsys, f"--config {config}: YAML syntax error at line 3")
 
 
 # ---------------------------------------------------------------------- caches

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..attention import AttentionSite, fused_attention
 from ..checkpoint_io import read_checkpoint
+from ..guards import check_config_syntax
 from .common import (
     Branch, LayerSpec, ReduceFn, as_loader_list, batch_to, fresh_loader, identity_reduce, markdown_table, probe_installed,
     resolve_layers, towers_of, trainer_sum, write_table,
@@ -344,6 +345,7 @@ def load_run(config_path: str | Path, ckpt_path: str | None = None):
     from ..data.datamodule import FewShotDataModule
     from ..module import PromptCLIPModule
 
+    check_config_syntax(Path(config_path))
     config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
     missing = [section for section in ("model", "data") if section not in config]
     if missing:
