@@ -25,9 +25,9 @@ from .data.datamodule import FewShotDataModule
 from .files import UnreadableFile
 from .guards import (checkpoint_model_options, check_config_files, error_text, init_defaults, is_global_rank_zero,
                      refuse_reused_run_dir)
-from .run_logs import KeepEarlierRowsCSVLogger
 from .module import PromptCLIPModule
 from .report import RESULTS_FILE
+from .run_logs import KeepEarlierRowsCSVLogger
 
 RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it launches inherit it
 ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, UnreadableFile)
