@@ -3,6 +3,7 @@
 Lightning's own save goes through a temporary file from ``tempfile.mkstemp()`` (usually /tmp) and
 ``shutil.move``, which degrades to a plain, interruptible copy when /tmp is another filesystem.
 Writing next to the target and ``os.replace``-ing it is atomic on every POSIX filesystem.
+Loading turns a zero-byte, truncated or foreign file into one error naming it (`read_checkpoint`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,41 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .files import UnreadableFile
+
+
+def checked_checkpoint(loaded: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """``loaded`` if it is a Lightning checkpoint (a dict with a ``state_dict``), else an error."""
+    if not isinstance(loaded, dict) or "state_dict" not in loaded:
+        raise UnreadableFile(
+            f"--ckpt_path {path} is not a Lightning checkpoint: it holds a {type(loaded).__name__}"
+            + (f" with keys {sorted(map(str, loaded))[:8]}" if isinstance(loaded, dict) else "")
+            + "; expected a .ckpt file written by mmprompt fit (e.g. <run>/checkpoints/last.ckpt)"
+        )
+    return loaded
+
+
+def unreadable_checkpoint(path: str | os.PathLike, err: Exception) -> UnreadableFile:
+    """The error for a checkpoint file torch cannot load: empty, truncated (a copy still running,
+    a full disk) or not a torch file at all."""
+    size = Path(path).stat().st_size if Path(path).is_file() else None
+    what = "is empty (0 bytes)" if size == 0 else "cannot be read as a checkpoint (truncated or not a torch file)"
+    first_sentence = str(err).strip().split("\n")[0].split(". ")[0][:160]
+    detail = f"{type(err).__name__}: {first_sentence}" if first_sentence else type(err).__name__
+    return UnreadableFile(f"--ckpt_path {path} {what}: {detail}; point --ckpt_path at a complete .ckpt file "
+                          "written by mmprompt fit (e.g. <run>/checkpoints/last.ckpt)")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint file on the CPU (tensors and plain types only), or raise one clear error."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as err:  # torch raises EOFError, RuntimeError, UnpicklingError, KeyError, ...
+        raise unreadable_checkpoint(path, err) from err
+    return checked_checkpoint(loaded, path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -32,3 +68,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load (``--ckpt_path last`` and explicit paths), with one clear error for a bad file."""
+        try:
+            loaded = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except (FileNotFoundError, IsADirectoryError):
+            raise
+        except Exception as err:
+            raise unreadable_checkpoint(path, err) from err
+        return checked_checkpoint(loaded, path)

@@ -15,18 +15,22 @@ from typing import Any, Callable
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from . import __version__
-from .checkpoint_io import AtomicCheckpointIO
+from .checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from .data.catalog import write_json_atomic
 from .data.datamodule import FewShotDataModule
+from .files import UnreadableFile
+from .guards import (checkpoint_model_options, check_config_files, error_text, init_defaults, is_global_rank_zero,
+                     refuse_reused_run_dir)
 from .module import PromptCLIPModule
 from .report import RESULTS_FILE
+from .run_logs import KeepEarlierRowsCSVLogger
 
 RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it launches inherit it
-ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError)
+ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, UnreadableFile)
 
 #: subcommands that are plain functions ``main(argv) -> int | Any`` rather than Lightning stages
 TOOLS: dict[str, tuple[str, str]] = {
@@ -110,6 +114,25 @@ class MMPromptCLI(LightningCLI):
         if "verbose" in parser.get_defaults():  # validate/test: our summary names base/new; Lightning's table can't
             parser.set_defaults(verbose=False)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if args is None or isinstance(args, list):
+            check_config_files(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces every model option with the checkpoint's; apply only those left at their
+        defaults and refuse a conflicting backbone (`mmprompt.guards.checkpoint_model_options`)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
+        model = self.config[subcommand].model
+        given = {key: model.get(key) for key in saved if key in model}
+        updates = checkpoint_model_options(given, saved, init_defaults(self.model_class), ckpt_path)
+        if updates:
+            self.config = self.parser.parse_object({subcommand: {"model": updates}}, self.config)
+
     # ------------------------------------------------------------------ run folder, loggers, checkpoints
 
     def _run_config(self) -> Any:
@@ -123,10 +146,12 @@ class MMPromptCLI(LightningCLI):
         config = self._run_config()
         trainer_config = self._get(self.config_init, "trainer", default={})
         self.run_dir = claim_run_dir(config.out_dir, config.name or self._default_name(), config.version)
+        if config.version is not None and is_global_rank_zero():
+            refuse_reused_run_dir(self.run_dir, self.subcommand, config.get("ckpt_path"))
         out_dir, name, version = str(self.run_dir.parent.parent), self.run_dir.parent.name, self.run_dir.name
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = [CSVLogger(out_dir, name=name, version=version),
+            kwargs["logger"] = [KeepEarlierRowsCSVLogger(out_dir, name=name, version=version),
                                 TensorBoardLogger(out_dir, name=name, version=version, default_hp_metric=False)]
         callbacks = list(trainer_config.get("callbacks") or [])
         if not any(isinstance(callback, ModelCheckpoint) for callback in callbacks):
@@ -278,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     except ERRORS_SHOWN_WITHOUT_TRACEBACK as error:
         if os.environ.get("MMPROMPT_DEBUG"):
             raise
-        print(f"mmprompt: error: {error}", file=sys.stderr)
+        print(f"mmprompt: error: {error_text(error)}", file=sys.stderr)
         return 2
     return 0
 

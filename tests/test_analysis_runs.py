@@ -147,8 +147,10 @@ def test_interventions_main_reads_a_run_config_and_checkpoint(data_root, tmp_pat
     expected = L.Trainer(**{**TRAINER, "limit_test_batches": 1}).test(
         module, datamodule=FewShotDataModule(**config["data"], image_size=64), verbose=False)[0]
     assert table["full"]["test/all/acc"] == pytest.approx(expected["test/all/acc"])
+    with pytest.raises(FileNotFoundError, match="--allow_no_checkpoint"):  # the untrained adapter only when asked
+        main(["--config", str(tmp_path / "config.yaml"), "--modes", "full"])
     untrained = main(["--config", str(tmp_path / "config.yaml"), "--modes", "full", "--accelerator", "cpu",
-                      "--limit_test_batches", "1", "--output_dir", str(tmp_path / "untrained")])
+                      "--limit_test_batches", "1", "--output_dir", str(tmp_path / "untrained"), "--allow_no_checkpoint"])
     assert untrained["full"]["test/all/acc"] != pytest.approx(expected["test/all/acc"])
     assert "| bias_only |" in capsys.readouterr().out
     assert (tmp_path / "interventions.md").is_file()

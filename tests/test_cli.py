@@ -109,6 +109,9 @@ def test_killed_run_resumes_with_ckpt_path_last_to_the_same_metrics(data_root, t
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "results.json").exists()
     resumed = _fit(data_root, tmp_path, "killed", "--ckpt_path", "last")
     assert resumed["metrics"] == uninterrupted["metrics"]
+    # metrics.csv keeps epoch 0 from before the crash: row for row the uninterrupted run's file
+    logged = [(run / "metrics.csv").read_text() for run in (tmp_path / "demo" / "full", run)]
+    assert ",0," in logged[1] and logged[1] == logged[0]
 
 
 def test_runs_never_share_a_folder_and_keep_their_config(data_root, tmp_path):

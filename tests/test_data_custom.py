@@ -47,7 +47,17 @@ def test_make_split_cli(tree, capsys):
     assert make_split_main([str(tree), "--output", str(tree.parent / "s.json"), "--ratios", "0.6", "0.2", "0.2"]) == 0
     assert "4 classes, train 24, val 8, test 8" in capsys.readouterr().out
     assert make_split_main([str(tree), "--ratios", "0.6", "0.6", "0.2"]) == 1
-    assert "summing to 1" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "summing to 1" in captured.err and not captured.out  # errors go to stderr
+
+
+def test_make_split_refuses_a_single_class(tmp_path, capsys):
+    (tmp_path / "only").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "only" / "a.png")
+    assert make_split_main([str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "only one class folder ('only')" in captured.err and "at least 2 classes" in captured.err
+    assert not (tmp_path / "split.json").exists()
 
 
 def test_empty_class_folder_is_an_error(tree):

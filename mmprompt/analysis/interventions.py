@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import AttentionSite, fused_attention
+from ..checkpoint_io import read_checkpoint
+from ..guards import check_config_syntax
 from .common import (
     Branch, LayerSpec, ReduceFn, as_loader_list, batch_to, fresh_loader, identity_reduce, markdown_table, probe_installed,
     resolve_layers, towers_of, trainer_sum, write_table,
@@ -293,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="the run's config.yaml (model: and data: sections)")
     parser.add_argument("--ckpt_path", default=None,
                         help="checkpoint with the trained adapter (default: checkpoints/last.ckpt next to the config)")
+    add_allow_no_checkpoint(parser)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="modes to evaluate")
     parser.add_argument("--branch", default="both", choices=("text", "vision", "both"))
     parser.add_argument("--layers", default="all", help="'all', '3', '0:9' (half-open) or '0,2,5'")
@@ -310,12 +313,23 @@ def batch_limit(text: str) -> int | float:
     return int(text) if text.isdigit() else float(text)
 
 
-def default_checkpoint(config_path: str | Path) -> str | None:
-    """``checkpoints/last.ckpt`` of the run folder holding the config, if there is one."""
+def add_allow_no_checkpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow_no_checkpoint", action="store_true",
+                        help="evaluate the untrained adapter when the run has no checkpoint (zero-shot runs)")
+
+
+def default_checkpoint(config_path: str | Path, allow_missing: bool = False) -> str | None:
+    """``checkpoints/last.ckpt`` of the run folder holding the config. Without one the numbers would
+    be the untrained adapter's, so that is an error unless ``allow_missing`` (``--allow_no_checkpoint``)."""
     path = Path(config_path).parent / "checkpoints" / "last.ckpt"
     if path.is_file():
         return str(path)
-    log.warning("no --ckpt_path and no %s: evaluating the untrained adapter", path)
+    if not allow_missing:
+        raise FileNotFoundError(
+            f"no --ckpt_path given and the run of --config {config_path} has no {path}: the results would be "
+            "the untrained adapter's; pass --ckpt_path, or --allow_no_checkpoint to evaluate it untrained"
+        )
+    log.warning("no --ckpt_path and no %s: evaluating the untrained adapter (--allow_no_checkpoint)", path)
     return None
 
 
@@ -331,6 +345,7 @@ def load_run(config_path: str | Path, ckpt_path: str | None = None):
     from ..data.datamodule import FewShotDataModule
     from ..module import PromptCLIPModule
 
+    check_config_syntax(Path(config_path))
     config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
     missing = [section for section in ("model", "data") if section not in config]
     if missing:
@@ -340,7 +355,7 @@ def load_run(config_path: str | Path, ckpt_path: str | None = None):
     module = instantiate_section(PromptCLIPModule, config["model"])
     datamodule = instantiate_section(FewShotDataModule, {"image_size": module.spec.image_size, **config["data"]})
     if ckpt_path:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(ckpt_path)
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"])
     return module, datamodule
@@ -358,7 +373,7 @@ def instantiate_section(cls: type, section: dict[str, Any]):
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """``mmprompt interventions --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt ...``"""
     args = build_parser().parse_args(argv)
-    module, datamodule = load_run(args.config, args.ckpt_path or default_checkpoint(args.config))
+    module, datamodule = load_run(args.config, args.ckpt_path or default_checkpoint(args.config, args.allow_no_checkpoint))
     trainer_kwargs: dict[str, Any] = {"accelerator": args.accelerator, "devices": args.devices}
     if args.limit_test_batches is not None:
         trainer_kwargs["limit_test_batches"] = args.limit_test_batches

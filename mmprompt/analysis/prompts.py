@@ -154,17 +154,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``mmprompt prompt-analysis --config RUN/config.yaml``: both tables for a trained run."""
     import argparse
 
-    from .interventions import default_checkpoint, load_run
+    from .interventions import add_allow_no_checkpoint, default_checkpoint, load_run
 
     parser = argparse.ArgumentParser(prog="mmprompt prompt-analysis", description=main.__doc__)
     parser.add_argument("--config", required=True, help="config.yaml of a run folder")
     parser.add_argument("--ckpt_path", default=None,
                         help="checkpoint with the trained adapter (default: checkpoints/last.ckpt next to the config)")
+    add_allow_no_checkpoint(parser)
     parser.add_argument("--k", type=int, default=5, help="nearest vocabulary words per prompt token")
     parser.add_argument("--max_batches", type=int, default=10, help="test batches for the vision-prompt similarity")
     parser.add_argument("--output_dir", default=None, help="folder for the tables (default: the config's folder)")
     args = parser.parse_args(argv)
-    module, datamodule = load_run(args.config, args.ckpt_path or default_checkpoint(args.config))
+    module, datamodule = load_run(args.config, args.ckpt_path or default_checkpoint(args.config, args.allow_no_checkpoint))
     datamodule.prepare_data()
     datamodule.setup("test")
     loaders = datamodule.test_dataloader()

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
+import numpy as np
 from PIL import Image
+
+from ..files import UnreadableFile, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -117,28 +119,72 @@ def read_json(path: Path, what: str, layout: str = "") -> Any:
 
 
 def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
-    """Write JSON through a temporary file and ``os.replace`` so concurrent readers (other ranks)
-    see either nothing or the whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=indent)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (see `mmprompt.files.write_text_atomic`): other ranks see either nothing
+    or the whole file, and the file honours the umask."""
+    write_text_atomic(path, json.dumps(data, indent=indent))
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB; a missing or unreadable file raises an error naming it."""
+#: Pillow's 16-bit integer modes (a 16-bit grayscale PNG opens as "I;16")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def scale_to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Map a single-band image with more than 8 bits to 0..255.
+
+    16-bit modes scale by their bit depth (65535 → 255), so a dark 16-bit image stays dark. ``I``
+    (32-bit int) and ``F`` (float) carry no depth of their own: non-negative values scale by the
+    smallest of the ranges [0, 1] (float only), [0, 255] and [0, 65535] that holds them (the usual
+    ways such files are written); anything else (negative values, larger ones) is stretched from
+    its minimum to its maximum.
+    """
+    values = pixels.astype(np.float64)
+    if mode in SIXTEEN_BIT_MODES:
+        top = 65535.0
+    else:
+        low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+        ranges = ((1.0,) if mode == "F" else ()) + (255.0, 65535.0)
+        top = next((r for r in ranges if low >= 0 and high <= r), None)
+        if top is None:
+            values, top = values - low, max(high - low, 1e-12)
+    return np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any image Pillow reads as 8-bit RGB. Pillow's own ``convert("RGB")`` clips 16/32-bit and
+    float images at 255 (a 16-bit PNG comes out solid white), so those are rescaled first
+    (`scale_to_uint8`); alpha is dropped, palettes and CMYK go through Pillow."""
+    if img.mode in (*SIXTEEN_BIT_MODES, "I", "F"):
+        img = Image.fromarray(scale_to_uint8(np.asarray(img), img.mode), "L")
+    return img.convert("RGB")
+
+
+def open_rgb(path: Path, dataset: str = "") -> Image.Image:
+    """Open an image as RGB (`to_rgb`); a missing or unreadable (e.g. truncated) file raises an
+    error naming it and, when given, the dataset that lists it."""
+    listed_by = f" (listed by dataset {dataset})" if dataset else ""
     if not path.is_file():
-        raise FileNotFoundError(f"image listed in the split does not exist: {path}")
+        raise FileNotFoundError(f"image listed in the split does not exist: {path}{listed_by}")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except Exception as err:  # PIL raises several types for corrupt files
-        raise OSError(f"cannot read image {path}: {err}") from err
+        raise UnreadableFile(
+            f"cannot read image {path}{listed_by}: {err}. Replace the file (is it truncated or corrupt?) or "
+            "remove it from the split file; mmprompt check-data lists every such file"
+        ) from err
+
+
+def require_files(base_dir: Path, items: Iterable[Item], where: str, shown: int = 5) -> None:
+    """Stat every listed image now, so a missing file stops the run before training, not mid-epoch;
+    the error names the first ``shown`` missing paths and how many there are."""
+    missing = [item.path for item in items if not (base_dir / item.path).is_file()]
+    if missing:
+        listed = "\n".join(f"  {base_dir / path}" for path in missing[:shown])
+        more = f"\n  ... and {len(missing) - shown} more" if len(missing) > shown else ""
+        raise FileNotFoundError(
+            f"{where}: {len(missing)} image(s) listed in the split do not exist under {base_dir}:\n{listed}{more}\n"
+            "restore them or remove them from the split file (mmprompt check-data lists every problem)"
+        )
 
 
 def require_dir(path: Path, layout: str) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -68,8 +69,10 @@ def make_split(
     if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6:
         raise ValueError(f"ratios must be three non-negative numbers (train, val, test) summing to 1; got {ratios}")
     classes = [name for name in list_dirs(root) if name != FEWSHOT_DIR]  # the cache may live beside the classes
-    if not classes:
-        raise ValueError(f"no class folders in {root}; expected <root>/<class>/<image>")
+    if len(classes) < 2:
+        found = f"only one class folder ({classes[0]!r})" if classes else "no class folders"
+        raise ValueError(f"{found} in {root}; expected <root>/<class>/<image> with at least 2 classes "
+                         "(base-to-novel splits the classes into base and novel halves)")
     rng = random.Random(seed)
     split: dict[str, list[list]] = {name: [] for name in SPLITS}
     for label, cls in enumerate(classes):
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         split = make_split(args.root, args.output, tuple(args.ratios), args.seed)
     except (OSError, ValueError) as err:
-        print(f"error: {err}")
+        print(f"mmprompt make-split: error: {err}", file=sys.stderr)
         return 1
     classes = {row[2] for rows in split.values() for row in rows}
     print(f"wrote {args.output or Path(args.root) / 'split.json'}: {len(classes)} classes, "

@@ -14,7 +14,7 @@ import lightning as L
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader
 
-from .catalog import Catalog, Item
+from .catalog import Catalog, Item, require_files
 from .custom import resolve_spec
 from .dataset import ItemDataset
 from .fewshot import SUBSAMPLES, cache_path, check_shots, class_subset, load_fewshot, relabel
@@ -145,7 +145,9 @@ class FewShotDataModule(L.LightningDataModule):
         kept = class_subset(len(self.catalog.classnames), subsample)
         masks = self.spec.masks() if self.with_masks and self.spec.masks is not None else None
         transform = build_transform(train, self.image_size, self.mean, self.std)
-        return ItemDataset(self.spec.dataset_dir(self.root), relabel(items, kept), transform, masks)
+        where = f"dataset {self.spec.name} ({'training' if train else 'evaluation'} images)"
+        require_files(self.spec.dataset_dir(self.root), items, where)
+        return ItemDataset(self.spec.dataset_dir(self.root), relabel(items, kept), transform, masks, self.spec.name)
 
     def loaders(self, key: str, batch_size: int, shuffle: bool) -> list[DataLoader]:
         if key not in self.datasets:

@@ -19,17 +19,20 @@ class ItemDataset(Dataset):
     Each sample is ``{"image": (3,H,W) float, "label": long, "mask": (H,W) float in [0,1],
     "has_mask": bool, "index": long}``; ``mask``/``has_mask`` are always present (zeros/False when the
     image has no annotation) so the default collate works. ``index`` points into ``items``.
+    ``dataset`` names the dataset in errors about its files.
     """
 
-    def __init__(self, base_dir: Path, items: list[Item], transform: v2.Compose, mask_source: MaskSource | None = None):
+    def __init__(self, base_dir: Path, items: list[Item], transform: v2.Compose, mask_source: MaskSource | None = None,
+                 dataset: str = ""):
         self.base_dir, self.items, self.transform, self.mask_source = Path(base_dir), list(items), transform, mask_source
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.items[index]
-        image = open_rgb(self.base_dir / item.path)
+        image = open_rgb(self.base_dir / item.path, self.dataset)
         mask = self.mask_source(self.base_dir, item.path, image.size) if self.mask_source else None
         if mask is not None and mask.shape != (image.size[1], image.size[0]):
             raise ValueError(f"mask of {self.base_dir / item.path} has shape {mask.shape}, image is {image.size[::-1]}")

@@ -77,6 +77,22 @@ def decode(data: dict) -> dict[str, list[Item]]:
     return {split: [Item(str(p), int(label)) for p, label, _ in data[split]] for split in ("train", "val")}
 
 
+def read_cache(path: Path, catalog: Catalog) -> dict[str, list[Item]] | None:
+    """The cached subset at ``path``, or None (with a warning) when it is absent, stale or corrupt:
+    a cache is only a convenience, so a damaged one is redrawn (and rewritten atomically), never fatal."""
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path, "few-shot cache")
+        if data.get("version") == CACHE_VERSION and data.get("source") == fingerprint(catalog):
+            return decode(data)
+        reason = "was drawn from another split listing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # truncated, not JSON, wrong shape
+        reason = f"is corrupt ({type(err).__name__}: {str(err)[:120]})"
+    warnings.warn(f"few-shot cache {path} {reason}; re-sampling it")
+    return None
+
+
 def load_fewshot(catalog: Catalog, shots: int | None, seed: int, path: Path | None, write: bool = True) -> dict[str, list[Item]]:
     """The few-shot subset, read from ``path`` when it was drawn from this listing, else sampled and
     (with ``write``) cached there atomically. An unwritable cache folder only warns: sampling is
@@ -84,11 +100,9 @@ def load_fewshot(catalog: Catalog, shots: int | None, seed: int, path: Path | No
     shots = check_shots(shots)
     if shots is None or path is None:
         return sample_fewshot(catalog, shots, seed)
-    if path.is_file():
-        data = read_json(path, "few-shot cache")
-        if data.get("version") == CACHE_VERSION and data.get("source") == fingerprint(catalog):
-            return decode(data)
-        warnings.warn(f"few-shot cache {path} was drawn from another split listing; re-sampling it")
+    cached = read_cache(path, catalog)
+    if cached is not None:
+        return cached
     subset = sample_fewshot(catalog, shots, seed)
     if write:
         try:

@@ -56,6 +56,14 @@ def read_mask_image(path: Path, size: Size) -> Image.Image:
     return mask
 
 
+def nonzero_pixels(mask: Image.Image) -> np.ndarray:
+    """1.0 where a mask image is non-zero. Single-band masks are read at their own depth (through
+    ``convert("L")`` a 16-bit or float mask clips, and a float 0.4 rounds to 0)."""
+    if len(mask.getbands()) == 1 and mask.mode != "P":
+        return (np.asarray(mask) != 0).astype(np.float32)
+    return (np.asarray(mask.convert("L")) > 0).astype(np.float32)
+
+
 def boxes_to_mask(boxes: list[tuple[float, float, float, float]], size: Size) -> np.ndarray:
     """Union of boxes given as continuous 0-based edges (left, top, right, bottom): a pixel is inside
     when its centre is, so a 1-based inclusive box (x1..x2) covers columns x1-1..x2-1."""
@@ -252,4 +260,4 @@ class ParallelMaskFolder:
         path = self.mask_path(base_dir, item_path)
         if path is None:
             return None
-        return (np.asarray(read_mask_image(path, size).convert("L")) > 0).astype(np.float32)
+        return nonzero_pixels(read_mask_image(path, size))

@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..files import make_temp_dir
 
 IMAGE_SIZE = 96
 OBJECT_RADIUS = (0.25, 0.4)  # fraction of the image side
@@ -212,7 +213,7 @@ def generate_synthetic(root: str | Path, variant: GeneratedDataset = SYNTHETIC_V
     if (target / variant.split_file).is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{variant.folder}-", dir=root))
+    tmp = make_temp_dir(root, prefix=f".{variant.folder}-")
     try:
         write_tree(tmp, variant)
         try:
