@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from .backbone import get_tokenizer, register_bundled_configs
+from .checkpoint_io import AtomicCheckpointIO
 from .data.world import COLOURS, SHAPES, world_sample
 from .encoders import TokenizedPrompts, encode_image, encode_text
 
@@ -210,7 +210,5 @@ class PretrainCLIP(L.LightningModule):
         path = Path(path)
         state = {key: value.detach().to("cpu", dtype if value.is_floating_point() else value.dtype)
                  for key, value in self.clip.state_dict().items()}
-        partial = path.with_name(f".{path.name}.partial")
-        torch.save(state, partial)
-        os.replace(partial, path)
+        AtomicCheckpointIO().save_checkpoint(state, path)
         return path
