@@ -24,6 +24,7 @@ from .data.catalog import write_json_atomic
 from .data.datamodule import FewShotDataModule
 from .module import PromptCLIPModule
 from .report import RESULTS_FILE
+from .shipped import with_shipped_configs
 
 RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it launches inherit it
 ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError)
@@ -179,10 +180,12 @@ def print_top_level_help() -> None:
     for command, (_, description) in TOOLS.items():
         print(f"  {command:<14} {description}")
     print("\nLightning stages: fit, validate, test, predict; `mmprompt fit --help` lists every option.")
+    print("--config takes a file or a shipped config by name: demo, tiny, methods/maple, datasets/eurosat, ...")
 
 
 def cli_main(args: list[str] | None = None) -> MMPromptCLI:
     """Run LightningCLI (importable for tests: ``cli_main(["fit", "--config", ...])``)."""
+    args = with_shipped_configs(list(sys.argv[1:] if args is None else args))
     return MMPromptCLI(
         PromptCLIPModule,
         FewShotDataModule,
