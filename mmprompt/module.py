@@ -270,11 +270,16 @@ class PromptCLIPModule(L.LightningModule):
         classes = self.class_sets("fit")[0]
         logits = self(batch["image"], classes)
         loss = F.cross_entropy(logits, batch["label"])
-        accuracy = self.metrics[self._metric_key("fit", 0)]
-        accuracy(logits, batch["label"])
+        self.metrics[self._metric_key("fit", 0)].update(logits.detach(), batch["label"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
-        self.log("train/acc", accuracy, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(logits))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """``train/acc`` in percent, like ``val/*`` and ``test/*`` (synced across ranks by torchmetrics)."""
+        metric = self.metrics[self._metric_key("fit", 0)]
+        if metric.update_called:
+            self.log("train/acc", 100.0 * float(metric.compute()), prog_bar=True)
+            metric.reset()
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor], dataloader_idx: int) -> Tensor:
         classes = self.class_sets(stage)[dataloader_idx]
