@@ -23,6 +23,7 @@ from .checkpoint_io import AtomicCheckpointIO
 from .data.catalog import write_json_atomic
 from .data.datamodule import FewShotDataModule
 from .module import PromptCLIPModule
+from .predictions import PredictionWriter
 from .report import RESULTS_FILE
 from .shipped import with_shipped_configs
 
@@ -126,6 +127,8 @@ class MMPromptCLI(LightningCLI):
         callbacks = list(trainer_config.get("callbacks") or [])
         if not any(isinstance(callback, ModelCheckpoint) for callback in callbacks):
             callbacks.append(ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True))
+        if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in callbacks):
+            callbacks.append(PredictionWriter(self.run_dir))
         if kwargs.get("logger", trainer_config.get("logger")) and self.subcommand == "fit":
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         kwargs["callbacks"] = callbacks
@@ -144,6 +147,11 @@ class MMPromptCLI(LightningCLI):
 
     def after_test(self) -> None:
         self._write_results()
+
+    def after_predict(self) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PredictionWriter) and callback.written:
+                print("\n".join(f"  predictions: {path}" for path in callback.written))
 
     def _write_results(self) -> None:
         results = getattr(self.model, "test_results", None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import os
 import subprocess
 import sys
 import zipfile
@@ -52,3 +54,71 @@ def test_wheel_ships_license_and_every_config(tmp_path):
     assert len(shipped) >= 30 and shipped <= names
     assert any(name.endswith("licenses/LICENSE") for name in names)
     assert "mmprompt/model_configs/mmprompt-tiny.json" in names
+
+
+COMMON = ["--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    env.pop("MMPROMPT_RUN_DIR", None)
+    return env
+
+
+def _mmprompt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess, with a hard timeout so a DDP hang fails instead of blocking."""
+    return subprocess.run([sys.executable, "-m", "mmprompt", *args], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_root, tmp_path_factory) -> Path:
+    """A BiasTuning run (biases on attention and MLP, random init so they matter) with its checkpoint."""
+    out = tmp_path_factory.mktemp("runs")
+    cli_main(["fit", "--config", "demo", "--model.adapter", "mmprompt.adapters.BiasTuning",
+              "--model.adapter.init_args.placement", "both", "--model.adapter.init_args.init_std", "0.5",
+              "--data.root", str(data_root), "--out_dir", str(out), "--version", "trained",
+              "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", *COMMON])
+    return out / "demo" / "trained"
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predict_writes_one_file_per_class_set_that_agrees_with_test(trained_run, tmp_path):
+    checkpoint = str(trained_run / "checkpoints" / "last.ckpt")
+    args = ["--config", str(trained_run / "config.yaml"), "--ckpt_path", checkpoint, "--out_dir", str(tmp_path),
+            *COMMON]
+    tested = cli_main(["test", *args, "--version", "tested"])
+    predicted = cli_main(["predict", *args, "--version", "predicted"])
+    run = tmp_path / "demo" / "predicted"
+    assert sorted(p.name for p in run.glob("predictions_*.csv")) == ["predictions_base.csv", "predictions_new.csv"]
+    for name, classes in zip(("base", "new"), predicted.datamodule.eval_classes("predict")):
+        rows = read_csv(run / f"predictions_{name}.csv")
+        dataset = predicted.datamodule.datasets["test"][0 if name == "base" else 1]
+        assert [row["path"] for row in rows] == [item.path for item in dataset.items]  # every image once, in order
+        assert all(row["label_name"] == classes.classnames[int(row["label"])] for row in rows)
+        assert all(row["prediction"] == row["top1"] for row in rows)
+        top = [[float(row[f"top{k}_prob"]) for k in range(1, 6)] for row in rows]
+        assert all(probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-5 for probs in top)
+        accuracy = 100.0 * sum(row["prediction"] == row["label_name"] for row in rows) / len(rows)
+        assert accuracy == pytest.approx(tested.model.test_results[f"test/{name}/acc"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_predict_under_ddp_writes_each_image_once_like_one_process(trained_run, tmp_path):
+    checkpoint = str(trained_run / "checkpoints" / "last.ckpt")
+    args = ["predict", "--config", str(trained_run / "config.yaml"), "--ckpt_path", checkpoint, "--out_dir",
+            str(tmp_path), *COMMON, "--data.eval_batch_size", "7"]
+    single = _mmprompt(*args, "--version", "single", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = _mmprompt(*args, "--version", "ddp", "--trainer.strategy", "ddp", "--trainer.devices", "2", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    for name in ("base", "new"):
+        one = read_csv(tmp_path / "demo" / "single" / f"predictions_{name}.csv")
+        two = read_csv(tmp_path / "demo" / "ddp" / f"predictions_{name}.csv")
+        assert len(one) == 100 and [row["path"] for row in two] == [row["path"] for row in one]
+        assert [row["prediction"] for row in two] == [row["prediction"] for row in one]
+        assert max(abs(float(a["top1_prob"]) - float(b["top1_prob"])) for a, b in zip(one, two)) < 1e-4
