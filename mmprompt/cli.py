@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,9 +26,12 @@ from .data.datamodule import FewShotDataModule
 from .module import PromptCLIPModule
 from .predictions import PredictionWriter
 from .report import RESULTS_FILE
+from .run_config import absolute_path_options, with_checkpoint_config
 from .shipped import with_shipped_configs
 
 RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it launches inherit it
+# cli_main always passes the (rewritten) command line as ``args``: Lightning's warning about that is noise
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError)
 
 #: subcommands that are plain functions ``main(argv) -> int | Any`` rather than Lightning stages
@@ -111,6 +115,12 @@ class MMPromptCLI(LightningCLI):
     def _run_config(self) -> Any:
         return self.config[self.subcommand]
 
+    def _parse_ckpt_path(self) -> None:
+        """No-op: `with_checkpoint_config` put the checkpoint's config first, so the user's options win."""
+
+    def before_instantiate_classes(self) -> None:
+        absolute_path_options(self._run_config())  # config.yaml and checkpoints re-run from any folder
+
     def _default_name(self) -> str:
         config = self._run_config()
         return f"{config.model.adapter.class_path.rsplit('.', 1)[-1]}-{config.data.dataset}"
@@ -193,7 +203,7 @@ def print_top_level_help() -> None:
 
 def cli_main(args: list[str] | None = None) -> MMPromptCLI:
     """Run LightningCLI (importable for tests: ``cli_main(["fit", "--config", ...])``)."""
-    args = with_shipped_configs(list(sys.argv[1:] if args is None else args))
+    args = with_checkpoint_config(with_shipped_configs(list(sys.argv[1:] if args is None else args)))
     return MMPromptCLI(
         PromptCLIPModule,
         FewShotDataModule,

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
+from . import __version__
 from .adapters.base import Adapter, BuildContext
 from .attention import AttendFn, fused_attention, softmax_attention
 from .backbone import BackboneSpec, get_tokenizer, load_clip, shape_mismatches, shapes_of
@@ -31,6 +32,8 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning internals
 
 ADAPTER_PREFIX = "adapter."
+#: Lightning's allow-listed instantiator: ``load_from_checkpoint`` rebuilds the adapter from its class_path
+CHECKPOINT_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 EVAL_STAGES = ("validate", "test")  # evaluated during fit; predict reads the test classes
 METRIC_PREFIX = {"validate": "val", "test": "test"}
 
@@ -51,6 +54,17 @@ def restore_rng(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def class_set_record(classes: ClassSet) -> dict[str, Any]:
+    """A ClassSet as plain types ``torch.load(weights_only=True)`` accepts."""
+    return {"name": classes.name, "classnames": list(classes.classnames), "template": classes.template,
+            "ensemble_templates": list(classes.ensemble_templates)}
+
+
+def class_set_from_record(record: dict[str, Any]) -> ClassSet:
+    return ClassSet(record["name"], tuple(record["classnames"]), record["template"],
+                    tuple(record["ensemble_templates"]))
 
 
 def qualified_name(obj: object) -> str:
@@ -372,14 +386,26 @@ class PromptCLIPModule(L.LightningModule):
                 f"adapter state does not match {type(self.adapter).__name__} on {self.spec.model_name}: "
                 + "; ".join(problems)
             )
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        # the frozen backbone is never in the checkpoint: report only adapter keys (none, after the check above)
+        return type(result)([k for k in result.missing_keys if k.startswith(ADAPTER_PREFIX)], result.unexpected_keys)
 
     def adapter_identity(self) -> dict[str, Any]:
         return {"adapter": qualified_name(self.adapter), "model_name": self.spec.model_name,
                 "shapes": {key: list(shape) for key, shape in self.adapter_shapes().items()}}
 
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild and use this model alone: adapter, backbone, classes, version."""
+        return {**self.adapter_identity(), "adapter_config": self.adapter.config(),
+                "pretrained": self.hparams.pretrained, "force_quick_gelu": self.hparams.force_quick_gelu,
+                "class_sets": {stage: [class_set_record(c) for c in sets] for stage, sets in self._class_sets.items()},
+                "version": __version__}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmprompt"] = self.adapter_identity()
+        checkpoint["mmprompt"] = self.describe()
+        hparams = checkpoint.setdefault("hyper_parameters", dict(self.hparams))
+        hparams["adapter"] = self.adapter.config()  # so load_from_checkpoint(path) needs no other argument
+        hparams.setdefault("_instantiator", CHECKPOINT_INSTANTIATOR)
         # Lightning does not save RNG states; with them a resumed run draws the same batches and crops
         checkpoint["rng_states"] = rng_snapshot()
 
@@ -389,6 +415,10 @@ class PromptCLIPModule(L.LightningModule):
         saved = checkpoint.get("mmprompt")
         if saved is None:
             return  # not written by mmprompt: load_state_dict still checks every adapter key
+        for stage, records in saved.get("class_sets", {}).items():
+            self._class_sets.setdefault(stage, [class_set_from_record(record) for record in records])
+        if "test" in self._class_sets:
+            self._class_sets.setdefault("predict", self._class_sets["test"])  # predict reads the test classes
         ours = self.adapter_identity()
         differences = [f"{field}: checkpoint {saved.get(field)!r}, this model {ours[field]!r}"
                        for field in ("adapter", "model_name") if saved.get(field) != ours[field]]

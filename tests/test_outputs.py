@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
+import warnings
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from mmprompt.cli import cli_main
 from mmprompt.data import FewShotDataModule
+from mmprompt.module import PromptCLIPModule
 from mmprompt.shipped import resolve_config, shipped_config_names, with_shipped_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,12 +41,16 @@ def test_shipped_configs_resolve_by_name_and_paths_win(tmp_path, monkeypatch):
     assert resolve_config("model: {lr: 1}") == "model: {lr: 1}"  # inline YAML passes through
 
 
-def test_demo_by_name_runs_from_another_directory(data_root, tmp_path, monkeypatch):
+def test_demo_by_name_runs_from_another_directory_and_saves_absolute_paths(data_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(["fit", "--config", "demo", "--config", "tiny", "--data.root", str(data_root), "--out_dir",
-                    str(tmp_path / "runs"), "--trainer.fast_dev_run", "1", "--trainer.enable_progress_bar", "false",
+    (tmp_path / "data").symlink_to(data_root)
+    cli = cli_main(["fit", "--config", "demo", "--config", "tiny", "--data.root", "data", "--out_dir", "runs",
+                    "--version", "v", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                    "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
                     "--trainer.callbacks", "[]"])
     assert type(cli.model.adapter).__name__ == "MaPLe" and cli.trainer.state.finished
+    saved = yaml.safe_load((tmp_path / "runs" / "demo" / "v" / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(tmp_path / "data")  # the saved config re-runs from any folder
 
 
 def test_wheel_ships_license_and_every_config(tmp_path):
@@ -122,3 +131,33 @@ def test_predict_under_ddp_writes_each_image_once_like_one_process(trained_run, 
         assert len(one) == 100 and [row["path"] for row in two] == [row["path"] for row in one]
         assert [row["prediction"] for row in two] == [row["prediction"] for row in one]
         assert max(abs(float(a["top1_prob"]) - float(b["top1_prob"])) for a, b in zip(one, two)) < 1e-4
+
+
+def test_checkpoint_alone_is_enough_to_test_from_any_folder(trained_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["test", "--ckpt_path", str(trained_run / "checkpoints" / "last.ckpt"), "--out_dir", "elsewhere",
+                    "--trainer.enable_progress_bar", "false"])
+    assert cli.model.adapter.init_args == {"layers": 9, "branches": "both", "placement": "both", "init_std": 0.5}
+    trained = json.loads((trained_run / "results.json").read_text())["metrics"]
+    tested = json.loads((tmp_path / "elsewhere" / "BiasTuning-synthetic" / "version_0" / "results.json").read_text())
+    assert tested["metrics"] == trained and tested["dataset"] == "synthetic"
+
+
+def test_load_from_checkpoint_needs_no_argument_and_warns_about_nothing(trained_run):
+    path = trained_run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    described = checkpoint["mmprompt"]
+    assert described["adapter_config"] == {"class_path": "mmprompt.adapters.BiasTuning", "init_args": {
+        "layers": 9, "branches": "both", "placement": "both", "init_std": 0.5}}
+    assert (described["model_name"], described["pretrained"], described["version"]) == ("mmprompt-tiny", None, "0.1.0")
+    assert [c["name"] for c in described["class_sets"]["test"]] == ["base", "new"]
+    assert described["class_sets"]["test"][1]["classnames"][:2] == ["ring", "hexagon"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = PromptCLIPModule.load_from_checkpoint(path)
+    assert not [w for w in caught if "key" in str(w.message).lower()], [str(w.message) for w in caught]
+    assert type(module.adapter).__name__ == "BiasTuning" and module.adapter.places == ("attn", "mlp")
+    for key, value in checkpoint["state_dict"].items():
+        assert torch.equal(module.state_dict()[key], value)
+    assert [c.name for c in module.class_sets("test")] == ["base", "new"]
+    assert module.class_sets("predict")[1].classnames == tuple(described["class_sets"]["test"][1]["classnames"])
