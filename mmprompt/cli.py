@@ -40,6 +40,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "sweep": ("mmprompt.sweep", "run a protocol sweep (methods × datasets × seeds), resumably"),
     "check-data": ("mmprompt.data.check", "check a dataset tree before training"),
     "make-split": ("mmprompt.data.custom", "write a split file from a class-per-folder tree"),
+    "export": ("mmprompt.export", "adapter-only safetensors + JSON; bias methods also as a plain open_clip model"),
     "interventions": ("mmprompt.analysis.interventions", "evaluate a checkpoint under every route intervention"),
     "prompt-analysis": ("mmprompt.analysis.prompts", "nearest words of text prompts; vision prompts vs fg/bg patches"),
 }

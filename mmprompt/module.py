@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from . import __version__
 from .adapters.base import Adapter, BuildContext
 from .attention import AttendFn, fused_attention, softmax_attention
-from .backbone import BackboneSpec, get_tokenizer, load_clip, shape_mismatches, shapes_of
+from .backbone import BackboneSpec, freeze, get_tokenizer, load_clip, shape_mismatches, shapes_of
 from .data.protocol import ClassSet, ProvidesClassSets
 from .encoders import TokenizedPrompts, encode_image, encode_text, tokenize_prompts
 from .report import harmonic_mean
@@ -65,6 +65,17 @@ def class_set_record(classes: ClassSet) -> dict[str, Any]:
 def class_set_from_record(record: dict[str, Any]) -> ClassSet:
     return ClassSet(record["name"], tuple(record["classnames"]), record["template"],
                     tuple(record["ensemble_templates"]))
+
+
+def build_adapter(config: dict[str, Any]) -> Adapter:
+    """An adapter from its ``{class_path, init_args}`` (what checkpoints and exports store)."""
+    import importlib
+
+    module_name, _, class_name = config["class_path"].rpartition(".")
+    adapter_class = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(adapter_class, type) and issubclass(adapter_class, Adapter)):
+        raise ValueError(f"adapter class_path {config['class_path']!r} is not an mmprompt Adapter")
+    return adapter_class(**config.get("init_args", {}))
 
 
 def qualified_name(obj: object) -> str:
@@ -145,6 +156,15 @@ class PromptCLIPModule(L.LightningModule):
                  f"{adapter.num_trainable_parameters():,}")
 
     # ------------------------------------------------------------------ backbone plumbing
+
+    def use_clip(self, clip: torch.nn.Module) -> None:
+        """Swap in another open_clip model of the same architecture (e.g. the user's own), frozen."""
+        spec = BackboneSpec.from_clip(clip, self.spec.model_name)
+        if spec != self.spec:
+            raise ValueError(f"the given CLIP does not match {self.spec.model_name!r}: {spec} != {self.spec}")
+        self.clip = freeze(clip)
+        self._prompt_cache.clear()
+        self._text_cache.clear()
 
     @torch.no_grad()
     def _embed_words(self, text: str) -> Tensor:

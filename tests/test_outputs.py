@@ -11,11 +11,16 @@ import sys
 import zipfile
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
-from mmprompt.cli import cli_main
+from mmprompt.adapters import BiasTuning, CoupledBiasTuning, MaPLe
+from mmprompt.cli import cli_main, main
+from mmprompt.data.protocol import ClassSet
+from mmprompt.export import export_adapter, export_open_clip, load_adapter
 from mmprompt.data import FewShotDataModule
 from mmprompt.module import PromptCLIPModule
 from mmprompt.shipped import resolve_config, shipped_config_names, with_shipped_configs
@@ -161,3 +166,63 @@ def test_load_from_checkpoint_needs_no_argument_and_warns_about_nothing(trained_
         assert torch.equal(module.state_dict()[key], value)
     assert [c.name for c in module.class_sets("test")] == ["base", "new"]
     assert module.class_sets("predict")[1].classnames == tuple(described["class_sets"]["test"][1]["classnames"])
+
+
+def _logits_of_plain_open_clip(model, tokenizer, images: torch.Tensor, classes) -> torch.Tensor:
+    """What a plain open_clip user computes: cosine logits with the dataset's template."""
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(images), dim=-1)
+        text = F.normalize(model.encode_text(tokenizer([classes.template.format(c) for c in classes.classnames])), dim=-1)
+        return model.logit_scale.exp() * image @ text.t()
+
+
+def _randomised(adapter, model_name: str = "mmprompt-tiny") -> PromptCLIPModule:
+    torch.manual_seed(0)
+    module = PromptCLIPModule(adapter, model_name=model_name, pretrained=None)
+    with torch.no_grad():
+        for parameter in module.adapter.parameters():
+            parameter.normal_(0, 0.3)
+    module.set_class_sets(test=[ClassSet("all", ("cat", "dog", "ship"))])
+    return module.eval()
+
+
+@pytest.mark.parametrize("adapter", [BiasTuning(placement="both"), BiasTuning(layers=[0, 2], branches="vision",
+                         placement="mlp"), CoupledBiasTuning(layers=3, placement="both")], ids=["both", "vision-mlp",
+                         "coupled"])
+def test_bias_methods_fold_into_a_plain_open_clip_checkpoint_with_equal_logits(adapter, tmp_path):
+    module = _randomised(adapter)
+    path = export_open_clip(module, tmp_path)
+    plain = open_clip.create_model("mmprompt-tiny", pretrained=str(path)).eval()
+    images, classes = torch.randn(4, 3, 64, 64), module.class_sets("test")[0]
+    with torch.no_grad():
+        expected = module(images, classes)
+    got = _logits_of_plain_open_clip(plain, open_clip.get_tokenizer("mmprompt-tiny"), images, classes)
+    untouched = _logits_of_plain_open_clip(module.clip, module.tokenizer, images, classes)
+    assert (expected - untouched).abs().max() > 1e-2  # the biases matter ...
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)  # ... and the folded weights reproduce them
+
+
+def test_prompt_methods_export_the_adapter_form_only_and_it_loads_in_one_call(tmp_path):
+    module = _randomised(MaPLe(depth=3))
+    with pytest.raises(ValueError, match="prompt tokens"):
+        export_open_clip(module, tmp_path)
+    files = export_adapter(module, tmp_path)
+    assert sorted(p.name for p in files) == ["adapter.safetensors", "adapter_config.json"]
+    users_clip = open_clip.create_model("mmprompt-tiny", pretrained=None)
+    users_clip.load_state_dict(module.clip.state_dict())  # the user's own copy of the backbone
+    loaded = load_adapter(tmp_path, users_clip)
+    images, classes = torch.randn(3, 3, 64, 64), module.class_sets("test")[0]
+    assert loaded.class_sets("test")[0] == classes
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, classes), module(images, classes))
+
+
+def test_export_command_from_a_checkpoint_alone(trained_run, tmp_path, capsys):
+    assert main(["export", "--ckpt_path", str(trained_run / "checkpoints" / "last.ckpt"), "--out_dir", str(tmp_path)]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter.safetensors", "adapter_config.json", "open_clip_model.pt"}
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["adapter_config"]["class_path"] == "mmprompt.adapters.BiasTuning" and config["version"] == "0.1.0"
+    loaded = load_adapter(tmp_path)  # no clip given: built from the exported model_name / pretrained
+    assert type(loaded.adapter).__name__ == "BiasTuning" and loaded.adapter.places == ("attn", "mlp")
+    assert main(["export", "--ckpt_path", str(tmp_path / "missing.ckpt")]) == 2
+    assert "missing.ckpt" in capsys.readouterr().err
