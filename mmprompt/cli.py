@@ -124,7 +124,7 @@ class MMPromptCLI(LightningCLI):
 
     def _default_name(self) -> str:
         config = self._run_config()
-        return f"{config.model.adapter.class_path.rsplit('.', 1)[-1]}-{config.data.dataset}"
+        return f"{config.model.adapter.class_path.rsplit('.', 1)[-1]}-{self.datamodule.name}"
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._run_config()
@@ -171,8 +171,9 @@ class MMPromptCLI(LightningCLI):
         config = self._run_config()
         payload = {
             "name": self.run_dir.parent.name, "version": self.run_dir.name, "protocol": config.protocol,
-            "method": type(self.model.adapter).__name__, "dataset": config.data.dataset, "seed": config.data.seed,
+            "method": type(self.model.adapter).__name__, "dataset": self.datamodule.name, "seed": config.data.seed,
             "shots": config.data.shots, "subsample": config.data.subsample, "model_name": config.model.model_name,
+            "pretrained": config.model.pretrained,
             "stage": self.subcommand, "metrics": results,
         }
         write_json_atomic(self.run_dir / RESULTS_FILE, payload, indent=2)

@@ -226,3 +226,21 @@ def test_export_command_from_a_checkpoint_alone(trained_run, tmp_path, capsys):
     assert type(loaded.adapter).__name__ == "BiasTuning" and loaded.adapter.places == ("attn", "mlp")
     assert main(["export", "--ckpt_path", str(tmp_path / "missing.ckpt")]) == 2
     assert "missing.ckpt" in capsys.readouterr().err
+
+
+def test_custom_datasets_are_named_in_run_folders_and_results(data_root, tmp_path):
+    from mmprompt.data.custom import make_split
+
+    images = data_root / "synthetic" / "images"
+    split = tmp_path / "animals" / "split.json"
+    split.parent.mkdir()
+    make_split(images, output=split)
+    custom = ["--data.dataset", "custom", "--data.split_file", str(split), "--data.image_dir", str(images)]
+    common = ["test", "--config", "methods/zero_shot", "--config", "tiny", *custom, "--data.root", str(data_root),
+              "--out_dir", str(tmp_path / "runs"), "--trainer.limit_test_batches", "1", *COMMON]
+    cli_main(common)
+    cli_main([*common, "--data.name", "pets_v2"])
+    for label in ("animals", "pets_v2"):  # default: the split file's folder; or data.name
+        results = json.loads((tmp_path / "runs" / f"ZeroShot-{label}" / "version_0" / "results.json").read_text())
+        assert results["dataset"] == label and results["model_name"] == "mmprompt-tiny"
+        assert results["pretrained"] is None and 0 <= results["metrics"]["test/all/acc"] <= 100
