@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from . import __version__
@@ -132,9 +132,8 @@ class MMPromptCLI(LightningCLI):
         self.run_dir = claim_run_dir(config.out_dir, config.name or self._default_name(), config.version)
         out_dir, name, version = str(self.run_dir.parent.parent), self.run_dir.parent.name, self.run_dir.name
         kwargs.setdefault("default_root_dir", str(self.run_dir))
-        if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = [CSVLogger(out_dir, name=name, version=version),
-                                TensorBoardLogger(out_dir, name=name, version=version, default_hp_metric=False)]
+        if trainer_config.get("logger") is not False:
+            kwargs["logger"] = run_loggers(out_dir, name, version, trainer_config.get("logger"))
         callbacks = list(trainer_config.get("callbacks") or [])
         if not any(isinstance(callback, ModelCheckpoint) for callback in callbacks):
             callbacks.append(ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True))
@@ -178,6 +177,17 @@ class MMPromptCLI(LightningCLI):
         }
         write_json_atomic(self.run_dir / RESULTS_FILE, payload, indent=2)
         print_results(results, self.run_dir)
+
+
+def run_loggers(out_dir: str, name: str, version: str, user_loggers: Any) -> list[Logger]:
+    """CSV + TensorBoard in the run folder, then the user's own loggers (W&B, MLflow, ...) added to them.
+
+    CSV comes first so ``trainer.log_dir`` (where config.yaml goes) is always the run folder.
+    """
+    extra = [] if user_loggers in (None, True) else list(user_loggers) if isinstance(user_loggers, (list, tuple)) \
+        else [user_loggers]
+    return [CSVLogger(out_dir, name=name, version=version),
+            TensorBoardLogger(out_dir, name=name, version=version, default_hp_metric=False), *extra]
 
 
 def print_results(results: dict[str, float], run_dir: Path) -> None:

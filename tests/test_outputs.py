@@ -244,3 +244,19 @@ def test_custom_datasets_are_named_in_run_folders_and_results(data_root, tmp_pat
         results = json.loads((tmp_path / "runs" / f"ZeroShot-{label}" / "version_0" / "results.json").read_text())
         assert results["dataset"] == label and results["model_name"] == "mmprompt-tiny"
         assert results["pretrained"] is None and 0 <= results["metrics"]["test/all/acc"] <= 100
+
+
+def test_a_user_logger_adds_to_csv_and_tensorboard_and_config_stays_in_the_run_folder(data_root, tmp_path):
+    own = tmp_path / "my_logger"
+    logger = f"{{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {own}, name: mine}}}}"
+    cli = cli_main(["fit", "--config", "demo", "--data.root", str(data_root), "--out_dir", str(tmp_path / "runs"),
+                    "--version", "v", "--trainer.logger", logger, "--trainer.max_epochs", "1",
+                    "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                    "--trainer.limit_test_batches", "1", *COMMON])
+    run = tmp_path / "runs" / "demo" / "v"
+    assert len(cli.trainer.loggers) == 3 and cli.trainer.log_dir == str(run)
+    assert {"config.yaml", "metrics.csv", "results.json"} <= {p.name for p in run.iterdir()}
+    assert list(run.glob("events.out.tfevents.*"))
+    ours, theirs = read_csv(run / "metrics.csv"), read_csv(next(own.rglob("metrics.csv")))
+    assert [r["train/acc"] for r in ours if r.get("train/acc")] == [r["train/acc"] for r in theirs if r.get("train/acc")]
+    assert all(0 <= float(r["train/acc"]) <= 100 for r in ours if r.get("train/acc"))
