@@ -19,8 +19,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from . import __version__
 from .checkpoint_io import AtomicCheckpointIO
+from .commands import TOOLS, answer_without_imports
 from .data.catalog import write_json_atomic
 from .data.datamodule import FewShotDataModule
 from .module import PromptCLIPModule
@@ -34,16 +34,6 @@ RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it 
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError)
 
-#: subcommands that are plain functions ``main(argv) -> int | Any`` rather than Lightning stages
-TOOLS: dict[str, tuple[str, str]] = {
-    "report": ("mmprompt.report", "gather finished runs into paper-style tables"),
-    "sweep": ("mmprompt.sweep", "run a protocol sweep (methods × datasets × seeds), resumably"),
-    "check-data": ("mmprompt.data.check", "check a dataset tree before training"),
-    "make-split": ("mmprompt.data.custom", "write a split file from a class-per-folder tree"),
-    "export": ("mmprompt.export", "adapter-only safetensors + JSON; bias methods also as a plain open_clip model"),
-    "interventions": ("mmprompt.analysis.interventions", "evaluate a checkpoint under every route intervention"),
-    "prompt-analysis": ("mmprompt.analysis.prompts", "nearest words of text prompts; vision prompts vs fg/bg patches"),
-}
 
 
 def image_size_of(model_name: str) -> int:
@@ -203,16 +193,6 @@ def run_tool(command: str, argv: list[str]) -> int:
     return status if isinstance(status, int) else 0
 
 
-def print_top_level_help() -> None:
-    print(f"mmprompt {__version__}: prompt and bias adapters for a frozen CLIP\n")
-    print("usage: mmprompt {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]")
-    print("       mmprompt {" + ",".join(TOOLS) + "} [options]\n")
-    for command, (_, description) in TOOLS.items():
-        print(f"  {command:<14} {description}")
-    print("\nLightning stages: fit, validate, test, predict; `mmprompt fit --help` lists every option.")
-    print("--config takes a file or a shipped config by name: demo, tiny, methods/maple, datasets/eurosat, ...")
-
-
 def cli_main(args: list[str] | None = None) -> MMPromptCLI:
     """Run LightningCLI (importable for tests: ``cli_main(["fit", "--config", ...])``)."""
     args = with_checkpoint_config(with_shipped_configs(list(sys.argv[1:] if args is None else args)))
@@ -229,12 +209,9 @@ def cli_main(args: list[str] | None = None) -> MMPromptCLI:
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("--version", "-V"):
-        print(f"mmprompt {__version__}")
-        return 0
-    if not argv or argv[0] in ("-h", "--help"):
-        print_top_level_help()
-        return 0
+    quick = answer_without_imports(argv)
+    if quick is not None:
+        return quick
     try:
         if argv[0] in TOOLS:
             return run_tool(argv[0], argv[1:])

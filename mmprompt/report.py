@@ -16,7 +16,7 @@ SPEC §7 as extra rows marked "(published)"; tables of other backbones don't. St
 ``--std population`` is given; a single seed has no sample std and shows none.
 
 Nothing is skipped silently: an unreadable or incomplete ``results.json`` stops the report with a
-message naming every bad file, or, with ``--skip-invalid``, is listed as a warning on stderr and in
+message naming every bad file, or, with ``--skip_invalid``, is listed as a warning on stderr and in
 the Markdown.
 
 Kept free of torch/Lightning imports so ``mmprompt report`` starts instantly.
@@ -215,7 +215,7 @@ def load_results(folders: Iterable[Path], skip_invalid: bool = False) -> tuple[l
             continue
         runs[run.key] = run
     if problems and not skip_invalid:
-        raise ReportError("invalid results (use --skip-invalid to report the rest):\n  " + "\n  ".join(problems))
+        raise ReportError("invalid results (use --skip_invalid to report the rest):\n  " + "\n  ".join(problems))
     if not runs:
         raise ReportError(f"no valid {RESULTS_FILE} found under: {', '.join(map(str, folders))}")
     return list(runs.values()), problems
@@ -527,11 +527,11 @@ def write_report(tables: Sequence[Table], markdown: str, out: Path, fmt: str) ->
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprompt report", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="run folders searched recursively for results.json")
-    parser.add_argument("--out", type=Path, help="output folder (default: <first folder>/report)")
+    parser.add_argument("--out_dir", "--out", dest="out", type=Path, help="output folder (default: <first folder>/report)")
     parser.add_argument("--format", choices=("markdown", "csv", "both"), default="both", help="files to write")
     parser.add_argument("--std", choices=("sample", "population"), default="sample",
                         help="std over seeds: sample (ddof=1, default) or population (ddof=0)")
-    parser.add_argument("--skip-invalid", action="store_true",
+    parser.add_argument("--skip_invalid", "--skip-invalid", action="store_true",
                         help="report the valid runs and list invalid results.json files as warnings")
     parser.add_argument("--quiet", action="store_true", help="do not print the Markdown")
     return parser

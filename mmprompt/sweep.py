@@ -279,10 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", default="", help="protocol label in results.json (default: --protocol)")
     parser.add_argument("--source", default=SOURCE_DATASET, help="training dataset of transfer protocols")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the plan without running anything")
-    mode.add_argument("--print-commands", action="store_true", help="print only the commands that can start now")
-    parser.add_argument("--keep-going", action="store_true", help="continue after a failed run (default: stop)")
-    parser.add_argument("--no-report", action="store_true", help="skip `mmprompt report` at the end")
+    mode.add_argument("--dry_run", "--dry-run", action="store_true", help="print the plan without running anything")
+    mode.add_argument("--print_commands", "--print-commands", action="store_true", help="print only the commands that can start now")
+    parser.add_argument("--keep_going", "--keep-going", action="store_true", help="continue after a failed run (default: stop)")
+    parser.add_argument("--no_report", "--no-report", action="store_true", help="skip `mmprompt report` at the end")
     return parser
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import warnings
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 import yaml
 
 from mmprompt.adapters import BiasTuning, CoupledBiasTuning, MaPLe
-from mmprompt.cli import cli_main, main
+from mmprompt.cli import cli_main, main, run_tool
+from mmprompt.commands import TOOLS
 from mmprompt.data.protocol import ClassSet
 from mmprompt.export import export_adapter, export_open_clip, load_adapter
 from mmprompt.data import FewShotDataModule
@@ -260,3 +263,41 @@ def test_a_user_logger_adds_to_csv_and_tensorboard_and_config_stays_in_the_run_f
     ours, theirs = read_csv(run / "metrics.csv"), read_csv(next(own.rglob("metrics.csv")))
     assert [r["train/acc"] for r in ours if r.get("train/acc")] == [r["train/acc"] for r in theirs if r.get("train/acc")]
     assert all(0 <= float(r["train/acc"]) <= 100 for r in ours if r.get("train/acc"))
+
+
+def option_groups(help_text: str) -> list[list[str]]:
+    """The option strings of each argument in an argparse help text, canonical spelling first."""
+    groups = []
+    for line in help_text.splitlines():
+        match = re.match(r"^\s{2}(--?\w[^\s,]*(?: [A-Z_\[\].]+)*(?:, --?\w[^\s,]*(?: [A-Z_\[\].]+)*)*)", line)
+        if match:
+            groups.append([part.split(" ")[0] for part in match.group(1).split(", ")])
+    return groups
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS))
+def test_every_tool_spells_flags_like_lightning_and_keeps_old_spellings(tool, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_tool(tool, ["--help"])
+    assert exit_info.value.code == 0
+    groups = [g for g in option_groups(capsys.readouterr().out) if g[0] not in ("-h", "--help")]
+    assert groups, f"{tool}: no options parsed from its help"
+    canonical = [group[0] for group in groups if group[0].startswith("--")]
+    assert all("-" not in option[2:] for option in canonical), canonical  # underscores, as in --trainer.max_epochs
+    assert not {"--out", "--output", "--output_dir"} & set(canonical)  # output folders are --out_dir everywhere
+    aliases = {alias: group[0] for group in groups for alias in group[1:]}
+    expected = {"report": {"--out": "--out_dir", "--skip-invalid": "--skip_invalid"},
+                "make-split": {"--output": "--split_file"}, "check-data": {"--split-file": "--split_file"},
+                "interventions": {"--output_dir": "--out_dir"}, "prompt-analysis": {"--output_dir": "--out_dir"},
+                "sweep": {"--dry-run": "--dry_run", "--keep-going": "--keep_going"}}.get(tool, {})
+    assert expected.items() <= aliases.items()
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_top_level_help_and_version_answer_in_under_two_seconds(flag, tmp_path):
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "mmprompt", flag], cwd=tmp_path, env=_env(), capture_output=True,
+                            text=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0 and ("export" in result.stdout if flag == "--help" else "0.1.0" in result.stdout)
+    assert elapsed < 2.0, f"mmprompt {flag} took {elapsed:.1f} s"
