@@ -19,6 +19,12 @@ def shipped_configs_dir() -> Path:
     return installed if installed.is_dir() else PACKAGE_DIR.parent / "configs"
 
 
+def default_configs_dir() -> Path:
+    """``./configs`` when the working directory has one (a checkout, or the user's copy), else the shipped."""
+    local = Path("configs")
+    return local if local.is_dir() else shipped_configs_dir()
+
+
 def shipped_config_names() -> list[str]:
     """Every shipped config as the name ``--config`` accepts (``demo``, ``methods/maple``, ...)."""
     root = shipped_configs_dir()

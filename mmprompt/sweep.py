@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 from . import report
 from .report import DG_TARGETS, METHOD_LABELS, RESULTS_FILE, SOURCE_DATASET, STANDARD_DATASETS
+from .shipped import default_configs_dir
 
 #: default datasets (targets, for transfer protocols) and shots per protocol
 PROTOCOL_DATASETS: dict[str, tuple[str, ...]] = {
@@ -275,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     parser.add_argument("--shots", nargs="+", type=int, help="K values; default 1 2 4 8 16 for fewshot, else 16")
     parser.add_argument("--out_dir", type=Path, help="default runs/<label>")
-    parser.add_argument("--configs", type=Path, default=Path("configs"), help="folder holding protocols/ methods/ datasets/")
+    parser.add_argument("--configs", type=Path, default=default_configs_dir(),
+                        help="folder holding protocols/ methods/ datasets/ (default: ./configs, else the shipped ones)")
     parser.add_argument("--label", default="", help="protocol label in results.json (default: --protocol)")
     parser.add_argument("--source", default=SOURCE_DATASET, help="training dataset of transfer protocols")
     mode = parser.add_mutually_exclusive_group()

@@ -301,3 +301,13 @@ def test_top_level_help_and_version_answer_in_under_two_seconds(flag, tmp_path):
     elapsed = time.perf_counter() - start
     assert result.returncode == 0 and ("export" in result.stdout if flag == "--help" else "0.1.0" in result.stdout)
     assert elapsed < 2.0, f"mmprompt {flag} took {elapsed:.1f} s"
+
+
+def test_sweep_finds_the_shipped_configs_outside_a_checkout(tmp_path, monkeypatch, capsys):
+    from mmprompt import sweep
+
+    monkeypatch.chdir(tmp_path)  # no ./configs here: a pip-installed user's folder
+    assert sweep.main(["--protocol", "base2new", "--methods", "maple", "--datasets", "eurosat", "--seeds", "1",
+                       "--dry_run"]) == 0
+    command = capsys.readouterr().out.splitlines()[0]
+    assert f"--config {REPO / 'configs' / 'methods' / 'maple.yaml'}" in command
