@@ -35,7 +35,6 @@ warnings.filterwarnings("ignore", message="LightningCLI's args parameter is inte
 ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError)
 
 
-
 def image_size_of(model_name: str) -> int:
     """The input size of an open_clip architecture, so data.image_size always matches the model."""
     import open_clip

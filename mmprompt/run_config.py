@@ -8,6 +8,7 @@ they become the first ``--config`` of the command, so any file or flag given aft
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,10 @@ def ckpt_path_argument(args: list[str]) -> str | None:
 
 def config_from_checkpoint(path: str | Path) -> dict[str, Any]:
     """``{"model": ..., "data": ...}`` from a checkpoint's saved hyper-parameters (empty if it has none)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
+        return {}  # not a plain checkpoint: Lightning loads it later and reports what is wrong
     config = {}
     for section, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
         values = {k: v for k, v in (checkpoint.get(key) or {}).items() if k not in NOT_OPTIONS}

@@ -311,3 +311,18 @@ def test_sweep_finds_the_shipped_configs_outside_a_checkout(tmp_path, monkeypatc
                        "--dry_run"]) == 0
     command = capsys.readouterr().out.splitlines()[0]
     assert f"--config {REPO / 'configs' / 'methods' / 'maple.yaml'}" in command
+
+
+def test_checkpoint_config_goes_first_so_user_options_win(trained_run, tmp_path):
+    from mmprompt.run_config import config_from_checkpoint, with_checkpoint_config
+
+    checkpoint = str(trained_run / "checkpoints" / "last.ckpt")
+    args = with_checkpoint_config(["test", "--ckpt_path", checkpoint, "--model.attention", "explicit"])
+    assert args[:2] == ["test", "--config"] and args[3:] == ["--ckpt_path", checkpoint, "--model.attention", "explicit"]
+    config = yaml.safe_load(args[2])
+    assert config["model"]["adapter"]["class_path"] == "mmprompt.adapters.BiasTuning"
+    assert "image_size" not in config["data"] and config["data"]["root"].startswith("/")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert config_from_checkpoint(garbage) == {}
+    assert with_checkpoint_config(["test", "--ckpt_path", str(garbage)]) == ["test", "--ckpt_path", str(garbage)]
