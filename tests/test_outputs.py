@@ -109,7 +109,8 @@ def test_predict_writes_one_file_per_class_set_that_agrees_with_test(trained_run
     args = ["--config", str(trained_run / "config.yaml"), "--ckpt_path", checkpoint, "--out_dir", str(tmp_path),
             *COMMON]
     tested = cli_main(["test", *args, "--version", "tested"])
-    predicted = cli_main(["predict", *args, "--version", "predicted"])
+    alone = ["--ckpt_path", checkpoint, "--out_dir", str(tmp_path), "--name", "demo", *COMMON]
+    predicted = cli_main(["predict", *alone, "--version", "predicted"])  # the checkpoint alone is enough
     run = tmp_path / "demo" / "predicted"
     assert sorted(p.name for p in run.glob("predictions_*.csv")) == ["predictions_base.csv", "predictions_new.csv"]
     for name, classes in zip(("base", "new"), predicted.datamodule.eval_classes("predict")):
