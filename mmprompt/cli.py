@@ -10,37 +10,33 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from . import __version__
 from .checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from .commands import TOOLS, answer_without_imports
 from .data.catalog import write_json_atomic
 from .data.datamodule import FewShotDataModule
 from .files import UnreadableFile
 from .guards import (checkpoint_model_options, check_config_files, error_text, init_defaults, is_global_rank_zero,
                      refuse_reused_run_dir)
 from .module import PromptCLIPModule
+from .predictions import PredictionWriter
 from .report import RESULTS_FILE
+from .run_config import absolute_path_options, with_checkpoint_config
 from .run_logs import KeepEarlierRowsCSVLogger
+from .shipped import with_shipped_configs
 
 RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it launches inherit it
+# cli_main always passes the (rewritten) command line as ``args``: Lightning's warning about that is noise
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, UnreadableFile)
-
-#: subcommands that are plain functions ``main(argv) -> int | Any`` rather than Lightning stages
-TOOLS: dict[str, tuple[str, str]] = {
-    "report": ("mmprompt.report", "gather finished runs into paper-style tables"),
-    "sweep": ("mmprompt.sweep", "run a protocol sweep (methods × datasets × seeds), resumably"),
-    "check-data": ("mmprompt.data.check", "check a dataset tree before training"),
-    "make-split": ("mmprompt.data.custom", "write a split file from a class-per-folder tree"),
-    "interventions": ("mmprompt.analysis.interventions", "evaluate a checkpoint under every route intervention"),
-    "prompt-analysis": ("mmprompt.analysis.prompts", "nearest words of text prompts; vision prompts vs fg/bg patches"),
-}
 
 
 def image_size_of(model_name: str) -> int:
@@ -121,7 +117,8 @@ class MMPromptCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces every model option with the checkpoint's; apply only those left at their
-        defaults and refuse a conflicting backbone (`mmprompt.guards.checkpoint_model_options`)."""
+        defaults and refuse a conflicting backbone (`mmprompt.guards.checkpoint_model_options`).
+        (`with_checkpoint_config` already put the checkpoint's own config first.)"""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
@@ -138,9 +135,12 @@ class MMPromptCLI(LightningCLI):
     def _run_config(self) -> Any:
         return self.config[self.subcommand]
 
+    def before_instantiate_classes(self) -> None:
+        absolute_path_options(self._run_config())  # config.yaml and checkpoints re-run from any folder
+
     def _default_name(self) -> str:
         config = self._run_config()
-        return f"{config.model.adapter.class_path.rsplit('.', 1)[-1]}-{config.data.dataset}"
+        return f"{config.model.adapter.class_path.rsplit('.', 1)[-1]}-{self.datamodule.name}"
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._run_config()
@@ -150,12 +150,13 @@ class MMPromptCLI(LightningCLI):
             refuse_reused_run_dir(self.run_dir, self.subcommand, config.get("ckpt_path"))
         out_dir, name, version = str(self.run_dir.parent.parent), self.run_dir.parent.name, self.run_dir.name
         kwargs.setdefault("default_root_dir", str(self.run_dir))
-        if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = [KeepEarlierRowsCSVLogger(out_dir, name=name, version=version),
-                                TensorBoardLogger(out_dir, name=name, version=version, default_hp_metric=False)]
+        if trainer_config.get("logger") is not False:
+            kwargs["logger"] = run_loggers(out_dir, name, version, trainer_config.get("logger"))
         callbacks = list(trainer_config.get("callbacks") or [])
         if not any(isinstance(callback, ModelCheckpoint) for callback in callbacks):
             callbacks.append(ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True))
+        if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in callbacks):
+            callbacks.append(PredictionWriter(self.run_dir))
         if kwargs.get("logger", trainer_config.get("logger")) and self.subcommand == "fit":
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         kwargs["callbacks"] = callbacks
@@ -196,6 +197,11 @@ class MMPromptCLI(LightningCLI):
     def after_test(self) -> None:
         self._write_results()
 
+    def after_predict(self) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PredictionWriter) and callback.written:
+                print("\n".join(f"  predictions: {path}" for path in callback.written))
+
     def _write_results(self, zero_shot: dict[str, float] | None = None) -> None:
         results = getattr(self.model, "test_results", None)
         if not results or not self.trainer.is_global_zero or self.trainer.fast_dev_run:
@@ -203,8 +209,9 @@ class MMPromptCLI(LightningCLI):
         config = self._run_config()
         payload = {
             "name": self.run_dir.parent.name, "version": self.run_dir.name, "protocol": config.protocol,
-            "method": type(self.model.adapter).__name__, "dataset": config.data.dataset, "seed": config.data.seed,
+            "method": type(self.model.adapter).__name__, "dataset": self.datamodule.name, "seed": config.data.seed,
             "shots": config.data.shots, "subsample": config.data.subsample, "model_name": config.model.model_name,
+            "pretrained": config.model.pretrained,
             "stage": self.subcommand, "metrics": results,
         }
         columns = {type(self.model.adapter).__name__: results}
@@ -240,8 +247,19 @@ def pretrain_main(argv: list[str]) -> PretrainCLI:
     """``mmprompt pretrain [--config world.yaml] [--key value ...]`` = fit of `PretrainCLIP` on the captioned world."""
     from .pretrain import PretrainCLIP, WorldDataModule
 
-    return PretrainCLI(PretrainCLIP, WorldDataModule, args=["fit", *argv], seed_everything_default=0,
+    return PretrainCLI(PretrainCLIP, WorldDataModule, args=["fit", *with_shipped_configs(argv)], seed_everything_default=0,
                        save_config_kwargs={"overwrite": True})
+
+
+def run_loggers(out_dir: str, name: str, version: str, user_loggers: Any) -> list[Logger]:
+    """CSV + TensorBoard in the run folder, then the user's own loggers (W&B, MLflow, ...) added to them.
+
+    CSV comes first so ``trainer.log_dir`` (where config.yaml goes) is always the run folder.
+    """
+    extra = [] if user_loggers in (None, True) else list(user_loggers) if isinstance(user_loggers, (list, tuple)) \
+        else [user_loggers]
+    return [KeepEarlierRowsCSVLogger(out_dir, name=name, version=version),
+            TensorBoardLogger(out_dir, name=name, version=version, default_hp_metric=False), *extra]
 
 
 def print_results(columns: dict[str, dict[str, float]], run_dir: Path) -> None:
@@ -262,18 +280,9 @@ def run_tool(command: str, argv: list[str]) -> int:
     return status if isinstance(status, int) else 0
 
 
-def print_top_level_help() -> None:
-    print(f"mmprompt {__version__}: prompt and bias adapters for a frozen CLIP\n")
-    print("usage: mmprompt {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]")
-    print("       mmprompt pretrain --config configs/pretrain/world.yaml   (pretrain a tiny CLIP on the captioned world)")
-    print("       mmprompt {" + ",".join(TOOLS) + "} [options]\n")
-    for command, (_, description) in TOOLS.items():
-        print(f"  {command:<14} {description}")
-    print("\nLightning stages: fit, validate, test, predict; `mmprompt fit --help` lists every option.")
-
-
 def cli_main(args: list[str] | None = None) -> MMPromptCLI:
     """Run LightningCLI (importable for tests: ``cli_main(["fit", "--config", ...])``)."""
+    args = with_checkpoint_config(with_shipped_configs(list(sys.argv[1:] if args is None else args)))
     return MMPromptCLI(
         PromptCLIPModule,
         FewShotDataModule,
@@ -287,12 +296,9 @@ def cli_main(args: list[str] | None = None) -> MMPromptCLI:
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("--version", "-V"):
-        print(f"mmprompt {__version__}")
-        return 0
-    if not argv or argv[0] in ("-h", "--help"):
-        print_top_level_help()
-        return 0
+    quick = answer_without_imports(argv)
+    if quick is not None:
+        return quick
     try:
         if argv[0] in TOOLS:
             return run_tool(argv[0], argv[1:])

@@ -59,7 +59,7 @@ def check_config_syntax(path: Path) -> None:
 def check_config_files(args: list[str]) -> None:
     """Check the syntax of every ``--config`` file that exists (jsonargparse reports missing ones)."""
     for value in config_paths(args):
-        if Path(value).is_file():
+        if "\n" not in value and Path(value).is_file():  # a YAML string (a checkpoint's config) is no file
             check_config_syntax(Path(value))
 
 

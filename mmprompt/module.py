@@ -17,9 +17,10 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
+from . import __version__
 from .adapters.base import Adapter, BuildContext
 from .attention import AttendFn, fused_attention, softmax_attention
-from .backbone import BackboneSpec, get_tokenizer, load_clip, shape_mismatches, shapes_of
+from .backbone import BackboneSpec, freeze, get_tokenizer, load_clip, shape_mismatches, shapes_of
 from .data.protocol import ClassSet, ProvidesClassSets
 from .encoders import TokenizedPrompts, encode_image, encode_text, tokenize_prompts
 from .report import harmonic_mean
@@ -31,6 +32,8 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning internals
 
 ADAPTER_PREFIX = "adapter."
+#: Lightning's allow-listed instantiator: ``load_from_checkpoint`` rebuilds the adapter from its class_path
+CHECKPOINT_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 EVAL_STAGES = ("validate", "test")  # evaluated during fit; predict reads the test classes
 METRIC_PREFIX = {"validate": "val", "test": "test"}
 
@@ -51,6 +54,28 @@ def restore_rng(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def class_set_record(classes: ClassSet) -> dict[str, Any]:
+    """A ClassSet as plain types ``torch.load(weights_only=True)`` accepts."""
+    return {"name": classes.name, "classnames": list(classes.classnames), "template": classes.template,
+            "ensemble_templates": list(classes.ensemble_templates)}
+
+
+def class_set_from_record(record: dict[str, Any]) -> ClassSet:
+    return ClassSet(record["name"], tuple(record["classnames"]), record["template"],
+                    tuple(record["ensemble_templates"]))
+
+
+def build_adapter(config: dict[str, Any]) -> Adapter:
+    """An adapter from its ``{class_path, init_args}`` (what checkpoints and exports store)."""
+    import importlib
+
+    module_name, _, class_name = config["class_path"].rpartition(".")
+    adapter_class = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(adapter_class, type) and issubclass(adapter_class, Adapter)):
+        raise ValueError(f"adapter class_path {config['class_path']!r} is not an mmprompt Adapter")
+    return adapter_class(**config.get("init_args", {}))
 
 
 def qualified_name(obj: object) -> str:
@@ -131,6 +156,15 @@ class PromptCLIPModule(L.LightningModule):
                  f"{adapter.num_trainable_parameters():,}")
 
     # ------------------------------------------------------------------ backbone plumbing
+
+    def use_clip(self, clip: torch.nn.Module) -> None:
+        """Swap in another open_clip model of the same architecture (e.g. the user's own), frozen."""
+        spec = BackboneSpec.from_clip(clip, self.spec.model_name)
+        if spec != self.spec:
+            raise ValueError(f"the given CLIP does not match {self.spec.model_name!r}: {spec} != {self.spec}")
+        self.clip = freeze(clip)
+        self._prompt_cache.clear()
+        self._text_cache.clear()
 
     @torch.no_grad()
     def _embed_words(self, text: str) -> Tensor:
@@ -270,11 +304,16 @@ class PromptCLIPModule(L.LightningModule):
         classes = self.class_sets("fit")[0]
         logits = self(batch["image"], classes)
         loss = F.cross_entropy(logits, batch["label"])
-        accuracy = self.metrics[self._metric_key("fit", 0)]
-        accuracy(logits, batch["label"])
+        self.metrics[self._metric_key("fit", 0)].update(logits.detach(), batch["label"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
-        self.log("train/acc", accuracy, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(logits))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """``train/acc`` in percent, like ``val/*`` and ``test/*`` (synced across ranks by torchmetrics)."""
+        metric = self.metrics[self._metric_key("fit", 0)]
+        if metric.update_called:
+            self.log("train/acc", 100.0 * float(metric.compute()), prog_bar=True)
+            metric.reset()
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor], dataloader_idx: int) -> Tensor:
         classes = self.class_sets(stage)[dataloader_idx]
@@ -367,14 +406,26 @@ class PromptCLIPModule(L.LightningModule):
                 f"adapter state does not match {type(self.adapter).__name__} on {self.spec.model_name}: "
                 + "; ".join(problems)
             )
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        # the frozen backbone is never in the checkpoint: report only adapter keys (none, after the check above)
+        return type(result)([k for k in result.missing_keys if k.startswith(ADAPTER_PREFIX)], result.unexpected_keys)
 
     def adapter_identity(self) -> dict[str, Any]:
         return {"adapter": qualified_name(self.adapter), "model_name": self.spec.model_name,
                 "shapes": {key: list(shape) for key, shape in self.adapter_shapes().items()}}
 
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild and use this model alone: adapter, backbone, classes, version."""
+        return {**self.adapter_identity(), "adapter_config": self.adapter.config(),
+                "pretrained": self.hparams.pretrained, "force_quick_gelu": self.hparams.force_quick_gelu,
+                "class_sets": {stage: [class_set_record(c) for c in sets] for stage, sets in self._class_sets.items()},
+                "version": __version__}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmprompt"] = self.adapter_identity()
+        checkpoint["mmprompt"] = self.describe()
+        hparams = checkpoint.setdefault("hyper_parameters", dict(self.hparams))
+        hparams["adapter"] = self.adapter.config()  # so load_from_checkpoint(path) needs no other argument
+        hparams.setdefault("_instantiator", CHECKPOINT_INSTANTIATOR)
         # Lightning does not save RNG states; with them a resumed run draws the same batches and crops
         checkpoint["rng_states"] = rng_snapshot()
 
@@ -384,6 +435,10 @@ class PromptCLIPModule(L.LightningModule):
         saved = checkpoint.get("mmprompt")
         if saved is None:
             return  # not written by mmprompt: load_state_dict still checks every adapter key
+        for stage, records in saved.get("class_sets", {}).items():
+            self._class_sets.setdefault(stage, [class_set_from_record(record) for record in records])
+        if "test" in self._class_sets:
+            self._class_sets.setdefault("predict", self._class_sets["test"])  # predict reads the test classes
         ours = self.adapter_identity()
         differences = [f"{field}: checkpoint {saved.get(field)!r}, this model {ours[field]!r}"
                        for field in ("adapter", "model_name") if saved.get(field) != ours[field]]

@@ -1,7 +1,8 @@
 """Paper-style tables from finished runs: ``mmprompt report runs/base2new runs/fewshot``.
 
 Every run folder that finished its test stage holds a ``results.json`` (see ``docs/protocols.md``).
-This module reads them all, groups them by protocol label, method, dataset and shots, and writes:
+This module reads them all, groups them by protocol label and backbone (one table per backbone:
+results of different models never share a table), then by method, dataset and shots, and writes:
 
 * base-to-novel tables: base / novel accuracy as seed mean ± std, the HM of the seed-mean base and
   novel accuracies (the published convention), the seed mean ± std of the per-seed HM, and one
@@ -10,12 +11,12 @@ This module reads them all, groups them by protocol label, method, dataset and s
 * transfer tables (cross-dataset / domain generalisation): accuracy per target dataset, the source
   (ImageNet) first and excluded from the target average.
 
-Base-to-novel tables carry the published reference numbers of SPEC §7 as extra rows marked
-"(published)". Std is the sample std over seeds (ddof=1, as papers report with 3 seeds) unless
+Base-to-novel tables of ViT-B/16 with OpenAI weights carry the published reference numbers of
+SPEC §7 as extra rows marked "(published)"; tables of other backbones don't. Std is the sample std over seeds (ddof=1, as papers report with 3 seeds) unless
 ``--std population`` is given; a single seed has no sample std and shows none.
 
 Nothing is skipped silently: an unreadable or incomplete ``results.json`` stops the report with a
-message naming every bad file, or, with ``--skip-invalid``, is listed as a warning on stderr and in
+message naming every bad file, or, with ``--skip_invalid``, is listed as a warning on stderr and in
 the Markdown.
 
 Kept free of torch/Lightning imports so ``mmprompt report`` starts instantly.
@@ -29,7 +30,7 @@ import json
 import math
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -93,6 +94,14 @@ PUBLISHED: tuple[Published, ...] = (
 )
 
 
+PUBLISHED_BACKBONE = "ViT-B-16"  # the published rows are ViT-B/16 with OpenAI weights
+
+
+def matches_published(backbone: str, pretrained: str | None) -> bool:
+    """True when results are comparable with SPEC §7's rows: ViT-B/16 (QuickGELU or not), OpenAI weights."""
+    return backbone.removesuffix("-quickgelu") == PUBLISHED_BACKBONE and pretrained == "openai"
+
+
 # -- reading results.json ------------------------------------------------------------------------------
 
 class ReportError(Exception):
@@ -110,6 +119,8 @@ class RunResult:
     seed: int
     shots: int | None
     metrics: dict[str, float]
+    backbone: str = "unknown"  # open_clip model name; results of different backbones never share a table
+    pretrained: str | None = "openai"  # weights tag; older results.json lack it (assumed the default)
 
     @property
     def base_new(self) -> tuple[float, float] | None:
@@ -119,8 +130,8 @@ class RunResult:
         return None
 
     @property
-    def key(self) -> tuple[str, str, str, int | None, int]:
-        return self.protocol, self.method, self.dataset, self.shots, self.seed
+    def key(self) -> tuple[str, str, str, str, int | None, int]:
+        return self.protocol, self.backbone, self.method, self.dataset, self.shots, self.seed
 
 
 def find_results(folders: Iterable[Path]) -> list[Path]:
@@ -177,6 +188,8 @@ def load_result(path: Path) -> RunResult:
             seed=_field(data, "seed", int),
             shots=_field(data, "shots", int, optional=True),
             metrics=_accuracies(_field(data, "metrics", dict)),
+            backbone=_field(data, "model_name", str, optional=True) or "unknown",
+            pretrained=_field(data, "pretrained", str, optional=True) if "pretrained" in data else "openai",
         )
     except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
         raise ReportError(f"{path}: {err}") from err
@@ -198,11 +211,11 @@ def load_results(folders: Iterable[Path], skip_invalid: bool = False) -> tuple[l
             problems.append(str(err))
             continue
         if run.key in runs:
-            problems.append(f"{path}: same protocol/method/dataset/shots/seed as {runs[run.key].path}")
+            problems.append(f"{path}: same protocol/backbone/method/dataset/shots/seed as {runs[run.key].path}")
             continue
         runs[run.key] = run
     if problems and not skip_invalid:
-        raise ReportError("invalid results (use --skip-invalid to report the rest):\n  " + "\n  ".join(problems))
+        raise ReportError("invalid results (use --skip_invalid to report the rest):\n  " + "\n  ".join(problems))
     if not runs:
         raise ReportError(f"no valid {RESULTS_FILE} found under: {', '.join(map(str, folders))}")
     return list(runs.values()), problems
@@ -261,6 +274,7 @@ class Table:
     rows: list[list[str]] = field(default_factory=list)
     records: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    backbone: str = "unknown"
 
 
 def method_order(method: str) -> tuple[int, str]:
@@ -348,18 +362,22 @@ def published_row(table: Table, ref: Published) -> None:
 
 
 def base_new_table(protocol: str, runs: Sequence[RunResult], ddof: int) -> Table:
-    """Rows per dataset (ours then published), then each method's average row, then the published averages."""
+    """Rows per dataset (ours then published), then each method's average row, then the published averages.
+
+    Published rows only join tables of the backbone they were measured with (ViT-B/16, OpenAI weights).
+    """
     table = Table(protocol, "base2new", f"{protocol}: base-to-novel (accuracy %)", BASE_NEW_HEADER)
     cells = group(runs, lambda r: (r.method, r.dataset))
     n_seeds = max(len(v) for v in cells.values())
     datasets = sorted({r.dataset for r in runs}, key=dataset_order)
     methods = sorted({r.method for r in runs}, key=method_order)
+    references = PUBLISHED if all(matches_published(r.backbone, r.pretrained) for r in runs) else ()
     for dataset in datasets:
         for method in methods:
             if (method, dataset) in cells:
                 cell = cells[(method, dataset)]
                 base_new_row(table, method, dataset, seeds_text(cell), base_new_stats(cell, ddof), n_seeds)
-        for ref in PUBLISHED:
+        for ref in references:
             if ref.dataset == dataset:
                 published_row(table, ref)
     for method in methods:
@@ -367,11 +385,13 @@ def base_new_table(protocol: str, runs: Sequence[RunResult], ddof: int) -> Table
         stats = average_base_new([base_new_stats(cells[(method, d)], ddof) for d in present])
         base_new_row(table, method, "average", "", stats, n_seeds)
         table.notes.extend(filter(None, [coverage_note(method, present)]))
-    for ref in PUBLISHED:
+    for ref in references:
         if ref.dataset == "average":
             published_row(table, ref)
     table.notes.append("HM = HM of the seed-mean base and novel accuracies; average rows: HM of the "
-                       "dataset-averaged base and novel accuracies. Published: SPEC §7 (ViT-B/16, 16 shots).")
+                       "dataset-averaged base and novel accuracies. " + (
+                           "Published: SPEC §7 (ViT-B/16, 16 shots)." if references else
+                           "No published rows: they are ViT-B/16 with OpenAI weights, this table is not."))
     return table
 
 
@@ -442,13 +462,15 @@ def is_transfer(protocol: str) -> bool:
 def build_tables(runs: Sequence[RunResult], ddof: int = 1) -> list[Table]:
     """One table per protocol label and kind of run (base/new runs vs all-class runs)."""
     tables = []
-    for (protocol,), protocol_runs in sorted(group(runs, lambda r: (r.protocol,)).items()):
+    for (protocol, backbone), protocol_runs in sorted(group(runs, lambda r: (r.protocol, r.backbone)).items()):
         base_new = [r for r in protocol_runs if r.base_new is not None]
         single = [r for r in protocol_runs if r.base_new is None]
-        if base_new:
-            tables.append(base_new_table(protocol, base_new, ddof))
+        built = [base_new_table(protocol, base_new, ddof)] if base_new else []
         if single:
-            tables.append((transfer_table if is_transfer(protocol) else fewshot_table)(protocol, single, ddof))
+            built.append((transfer_table if is_transfer(protocol) else fewshot_table)(protocol, single, ddof))
+        for table in built:
+            table.backbone, table.title = backbone, f"{table.title}, backbone {backbone}"
+        tables.extend(built)
     return tables
 
 
@@ -477,21 +499,26 @@ def render_markdown(tables: Sequence[Table], problems: Sequence[str], std_label:
 def write_csv(table: Table, path: Path) -> None:
     columns = list(dict.fromkeys(k for record in table.records for k in record))
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["protocol", *columns], restval="")
+        writer = csv.DictWriter(handle, fieldnames=["protocol", "backbone", *columns], restval="")
         writer.writeheader()
-        writer.writerows({"protocol": table.protocol, **record} for record in table.records)
+        writer.writerows({"protocol": table.protocol, "backbone": table.backbone, **record} for record in table.records)
 
 
 def write_report(tables: Sequence[Table], markdown: str, out: Path, fmt: str) -> list[Path]:
-    """Write ``report.md`` and/or one ``<protocol>_<kind>.csv`` per table into ``out``; return the paths."""
+    """Write ``report.md`` and/or one ``<protocol>_<kind>.csv`` per table into ``out``; return the paths.
+
+    Tables of one protocol and kind on several backbones get the backbone in their file name.
+    """
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if fmt in ("markdown", "both"):
         (out / "report.md").write_text(markdown)
         written.append(out / "report.md")
     if fmt in ("csv", "both"):
+        shared = Counter((table.protocol, table.kind) for table in tables)
         for table in tables:
-            path = out / f"{table.protocol}_{table.kind}.csv"
+            suffix = f"_{table.backbone}" if shared[(table.protocol, table.kind)] > 1 else ""
+            path = out / f"{table.protocol}_{table.kind}{suffix}.csv"
             write_csv(table, path)
             written.append(path)
     return written
@@ -500,11 +527,11 @@ def write_report(tables: Sequence[Table], markdown: str, out: Path, fmt: str) ->
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprompt report", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="run folders searched recursively for results.json")
-    parser.add_argument("--out", type=Path, help="output folder (default: <first folder>/report)")
+    parser.add_argument("--out_dir", "--out", dest="out", type=Path, help="output folder (default: <first folder>/report)")
     parser.add_argument("--format", choices=("markdown", "csv", "both"), default="both", help="files to write")
     parser.add_argument("--std", choices=("sample", "population"), default="sample",
                         help="std over seeds: sample (ddof=1, default) or population (ddof=0)")
-    parser.add_argument("--skip-invalid", action="store_true",
+    parser.add_argument("--skip_invalid", "--skip-invalid", action="store_true",
                         help="report the valid runs and list invalid results.json files as warnings")
     parser.add_argument("--quiet", action="store_true", help="do not print the Markdown")
     return parser

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 from . import report
 from .report import DG_TARGETS, METHOD_LABELS, RESULTS_FILE, SOURCE_DATASET, STANDARD_DATASETS
+from .shipped import default_configs_dir
 
 #: default datasets (targets, for transfer protocols) and shots per protocol
 PROTOCOL_DATASETS: dict[str, tuple[str, ...]] = {
@@ -275,14 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     parser.add_argument("--shots", nargs="+", type=int, help="K values; default 1 2 4 8 16 for fewshot, else 16")
     parser.add_argument("--out_dir", type=Path, help="default runs/<label>")
-    parser.add_argument("--configs", type=Path, default=Path("configs"), help="folder holding protocols/ methods/ datasets/")
+    parser.add_argument("--configs", type=Path, default=default_configs_dir(),
+                        help="folder holding protocols/ methods/ datasets/ (default: ./configs, else the shipped ones)")
     parser.add_argument("--label", default="", help="protocol label in results.json (default: --protocol)")
     parser.add_argument("--source", default=SOURCE_DATASET, help="training dataset of transfer protocols")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the plan without running anything")
-    mode.add_argument("--print-commands", action="store_true", help="print only the commands that can start now")
-    parser.add_argument("--keep-going", action="store_true", help="continue after a failed run (default: stop)")
-    parser.add_argument("--no-report", action="store_true", help="skip `mmprompt report` at the end")
+    mode.add_argument("--dry_run", "--dry-run", action="store_true", help="print the plan without running anything")
+    mode.add_argument("--print_commands", "--print-commands", action="store_true", help="print only the commands that can start now")
+    parser.add_argument("--keep_going", "--keep-going", action="store_true", help="continue after a failed run (default: stop)")
+    parser.add_argument("--no_report", "--no-report", action="store_true", help="skip `mmprompt report` at the end")
     return parser
 
 

@@ -201,3 +201,14 @@ def test_predict_returns_probabilities_over_each_test_class_set(tmp_path, synthe
     assert base[0]["probability"].shape == (10, 5) and novel[0]["probability"].shape == (10, 5)
     assert torch.allclose(base[0]["probability"].sum(-1), torch.ones(10))
     assert torch.equal(base[0]["prediction"], base[0]["probability"].argmax(-1))
+
+
+def test_train_val_and_test_accuracies_share_one_unit_percent(tmp_path, synthetic_root, monkeypatch):
+    monkeypatch.setattr("torchmetrics.classification.MulticlassAccuracy.compute", lambda self: torch.tensor(0.25))
+    module = PromptCLIPModule(BiasTuning(layers=2), model_name=TINY, pretrained=None)
+    trainer = _trainer(tmp_path, limit_test_batches=1)
+    trainer.fit(module, datamodule=_datamodule(synthetic_root))
+    assert float(trainer.logged_metrics["train/acc"]) == pytest.approx(25.0)
+    assert float(trainer.logged_metrics["val/base/acc"]) == pytest.approx(25.0)
+    trainer.test(module, datamodule=_datamodule(synthetic_root), verbose=False)
+    assert module.test_results["test/base/acc"] == pytest.approx(25.0)

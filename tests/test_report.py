@@ -214,3 +214,36 @@ def test_no_results_is_an_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 2
     assert "no valid results.json" in capsys.readouterr().err
+
+
+def write_backbone_result(root: Path, dataset: str, seed: int, metrics: dict, model_name: str,
+                          pretrained: str | None) -> Path:
+    path = write_result(root / model_name, "base2new", "MaPLe", dataset, seed, metrics)
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "model_name": model_name, "pretrained": pretrained}))
+    return path
+
+
+def test_backbones_get_their_own_tables_and_published_rows_only_join_vit_b16(tmp_path):
+    write_backbone_result(tmp_path / "runs", "eurosat", 1, base_new(90, 70), "ViT-B-16-quickgelu", "openai")
+    write_backbone_result(tmp_path / "runs", "eurosat", 1, base_new(40, 30), "mmprompt-tiny", None)
+    write_backbone_result(tmp_path / "runs", "eurosat", 1, base_new(60, 50), "ViT-B-16", None)  # random weights
+    out = run_report(tmp_path)
+    markdown = (out / "report.md").read_text()
+    for backbone in ("ViT-B-16-quickgelu", "mmprompt-tiny", "ViT-B-16"):
+        assert f"## base2new: base-to-novel (accuracy %), backbone {backbone}\n" in markdown
+    assert markdown.count("(published)") == 6  # 5 averages + MaPLe on EuroSAT, in the ViT-B/16 OpenAI table only
+    tiny = read_csv(out / "base2new_base2new_mmprompt-tiny.csv")
+    assert {r["source"] for r in tiny} == {"ours"} and {r["backbone"] for r in tiny} == {"mmprompt-tiny"}
+    assert float(row(tiny, dataset="eurosat")["base_mean"]) == 40.0
+    vit = read_csv(out / "base2new_base2new_ViT-B-16-quickgelu.csv")
+    assert float(row(vit, source="published", dataset="eurosat")["base_mean"]) == 94.07
+    assert {r["source"] for r in read_csv(out / "base2new_base2new_ViT-B-16.csv")} == {"ours"}
+
+
+def test_two_named_custom_datasets_are_two_rows(tmp_path):
+    write_result(tmp_path / "runs", "base2new", "MaPLe", "animals", 1, base_new(80, 60))
+    write_result(tmp_path / "runs", "base2new", "MaPLe", "plants", 1, base_new(70, 50))
+    records = read_csv(run_report(tmp_path) / "base2new_base2new.csv")
+    assert float(row(records, source="ours", dataset="animals")["base_mean"]) == 80.0
+    assert float(row(records, source="ours", dataset="plants")["base_mean"]) == 70.0

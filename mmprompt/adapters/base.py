@@ -7,8 +7,10 @@ model. Removing the adapter gives the original CLIP back; nothing in open_clip i
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 from torch import Tensor, nn
 
@@ -25,8 +27,34 @@ class BuildContext:
     embed_words: Callable[[str], Tensor]  # token embeddings (k, text_width) of a phrase, no SOS/EOT
 
 
-class Adapter(nn.Module):
+class RecordsInitArgs(type):
+    """Metaclass that keeps the arguments an adapter was constructed with (its YAML ``init_args``).
+
+    That is what makes a checkpoint self-describing: the adapter can be rebuilt from the checkpoint
+    alone, whether it was made by the CLI or in Python.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        adapter = super().__call__(*args, **kwargs)
+        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        bound.apply_defaults()
+        adapter.init_args = {name: value for name, value in list(bound.arguments.items())[1:]}
+        return adapter
+
+
+def class_path_of(cls: type) -> str:
+    """The shortest importable path of ``cls`` (``mmprompt.adapters.MaPLe`` rather than its module)."""
+    package = cls.__module__.rsplit(".", 1)[0]
+    if getattr(importlib.import_module(package), cls.__qualname__, None) is cls:
+        return f"{package}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class Adapter(nn.Module, metaclass=RecordsInitArgs):
     """Base class. Subclasses create parameters in `build` and return them as injections."""
+
+    #: the constructor's arguments (set by the metaclass), e.g. {"n_ctx": 2, "depth": 9, ...}
+    init_args: dict[str, Any]
 
     #: True when text features depend on the image (CoCoOp): they can't be cached per evaluation.
     conditions_text_on_image: ClassVar[bool] = False
@@ -45,6 +73,10 @@ class Adapter(nn.Module):
     def vision_injection(self) -> Injection:
         """Per-layer vision injections."""
         return Injection()
+
+    def config(self) -> dict[str, Any]:
+        """``{class_path, init_args}``: the YAML that rebuilds this adapter (before `build`)."""
+        return {"class_path": class_path_of(type(self)), "init_args": dict(self.init_args)}
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

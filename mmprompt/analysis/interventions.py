@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--branch", default="both", choices=("text", "vision", "both"))
     parser.add_argument("--layers", default="all", help="'all', '3', '0:9' (half-open) or '0,2,5'")
     parser.add_argument("--mean_over", default="tokens_and_samples", choices=get_args(MeanOver))
-    parser.add_argument("--output_dir", default=None, help="folder for interventions.csv/.md (default: config's folder)")
+    parser.add_argument("--out_dir", "--output_dir", dest="output_dir", default=None, help="folder for interventions.csv/.md (default: config's folder)")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", default="auto")
     parser.add_argument("--limit_test_batches", type=batch_limit, default=None,

@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_allow_no_checkpoint(parser)
     parser.add_argument("--k", type=int, default=5, help="nearest vocabulary words per prompt token")
     parser.add_argument("--max_batches", type=int, default=10, help="test batches for the vision-prompt similarity")
-    parser.add_argument("--output_dir", default=None, help="folder for the tables (default: the config's folder)")
+    parser.add_argument("--out_dir", "--output_dir", dest="output_dir", default=None, help="folder for the tables (default: the config's folder)")
     args = parser.parse_args(argv)
     module, datamodule = load_run(args.config, args.ckpt_path or default_checkpoint(args.config, args.allow_no_checkpoint))
     datamodule.prepare_data()

@@ -100,7 +100,7 @@ def check_dataset(
     try:
         spec: DatasetSpec = resolve_spec(dataset, split_file, image_dir, mask_dir)
     except (OSError, ValueError) as err:
-        return CheckReport(dataset, str(root), problems=[Problem("--dataset/--split-file/--mask-dir", str(err))])
+        return CheckReport(dataset, str(root), problems=[Problem("--dataset/--split_file/--mask_dir", str(err))])
     base = spec.dataset_dir(root)
     report = CheckReport(spec.name, str(base))
     try:
@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="synthetic", help="registered dataset name or 'custom'")
     parser.add_argument("--root", default="data", help="data root holding one folder per dataset")
     parser.add_argument("--limit", type=int, default=None, help="open at most N images per split (evenly spread)")
-    parser.add_argument("--split-file", default=None, help="custom: the JSON split file")
-    parser.add_argument("--image-dir", default=None, help="custom: folder the split paths are relative to")
-    parser.add_argument("--mask-dir", default=None, help="custom: folder of masks at the same relative paths")
+    parser.add_argument("--split_file", "--split-file", default=None, help="custom: the JSON split file")
+    parser.add_argument("--image_dir", "--image-dir", default=None, help="custom: folder the split paths are relative to")
+    parser.add_argument("--mask_dir", "--mask-dir", default=None, help="custom: folder of masks at the same relative paths")
     args = parser.parse_args(argv)
     report = check_dataset(args.dataset, args.root, args.limit, args.split_file, args.image_dir, args.mask_dir)
     print(report.format())

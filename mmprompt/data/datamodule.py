@@ -8,6 +8,7 @@ work (synthetic generation, few-shot cache) and ``setup`` only reads.
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -23,6 +24,13 @@ from .registry import DatasetSpec, ensemble_templates
 from .transforms import build_transform
 
 SubsampleName = Literal["all", "base", "new"]
+
+
+def dataset_label(dataset: str, split_file: str | None) -> str:
+    """``dataset`` as given, except ``custom``: the split file's folder name (``my_images/split.json`` -> my_images)."""
+    if dataset.lower() == "custom" and split_file:
+        return Path(split_file).absolute().parent.name or "custom"
+    return dataset
 
 
 class FewShotDataModule(L.LightningDataModule):
@@ -47,6 +55,7 @@ class FewShotDataModule(L.LightningDataModule):
         split_file: str | None = None,
         image_dir: str | None = None,
         mask_dir: str | None = None,
+        name: str | None = None,
     ) -> None:
         """
         Args:
@@ -67,6 +76,8 @@ class FewShotDataModule(L.LightningDataModule):
             split_file: ``custom`` only: JSON split ``{"train"|"val"|"test": [[path, label, classname], ...]}``.
             image_dir: ``custom`` only: folder the split paths are relative to (default: the split file's folder).
             mask_dir: ``custom`` only: folder of masks at the same relative paths (non-zero = foreground).
+            name: Dataset label in run names, results.json and reports; default the registered name, or
+                for ``custom`` the split file's folder name, so two custom datasets never share a label.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -74,12 +85,14 @@ class FewShotDataModule(L.LightningDataModule):
         self.root, self.shots, self.seed = root, check_shots(shots), seed
         self.subsample = subsample
         self.test_subsamples = list(test_subsamples or (["base", "new"] if subsample == "base" else [subsample]))
-        for name in [subsample, *self.test_subsamples]:
-            if name not in SUBSAMPLES:
-                raise ValueError(f"subsample / test_subsamples entries must be one of {SUBSAMPLES}; got {name!r}")
+        for entry in [subsample, *self.test_subsamples]:
+            if entry not in SUBSAMPLES:
+                raise ValueError(f"subsample / test_subsamples entries must be one of {SUBSAMPLES}; got {entry!r}")
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.image_size, self.mean, self.std, self.with_masks = image_size, tuple(mean), tuple(std), with_masks
         self.datasets: dict[str, list[ItemDataset]] = {}
+        #: the dataset's label in run names, results.json and reports
+        self.name = name or dataset_label(dataset, split_file)
 
     # -- what the model asks -------------------------------------------------------------------
 
