@@ -50,11 +50,13 @@ def statistics_of(run: Path) -> dict:
 
 
 def assert_same_statistics(one: dict, other: dict) -> None:
-    """Counts equal exactly; means equal to float64 summation order."""
+    """Counts equal exactly; means equal to float32 precision (the batches group the images differently)."""
     for tower in ("vision", "text"):
+        assert one[tower]["images" if tower == "vision" else "sequences"] == \
+            other[tower]["images" if tower == "vision" else "sequences"]
         for key, values in one[tower].items():
             assert torch.allclose(torch.tensor(other[tower][key], dtype=torch.float64),
-                                  torch.tensor(values, dtype=torch.float64), rtol=1e-9, atol=1e-12, equal_nan=True), key
+                                  torch.tensor(values, dtype=torch.float64), rtol=1e-5, atol=1e-7, equal_nan=True), key
 
 
 # ----------------------------------------------------------------------------- units (one process)
@@ -156,7 +158,7 @@ def test_shipped_demo_config_under_ddp_matches_one_process(data_root, tmp_path):
     single, parallel = tmp_path / "demo" / "single", tmp_path / "demo" / "ddp"
     assert results_of(parallel) == results_of(single) and results_of(single)["test/base/acc"] > 0
     assert_same_statistics(statistics_of(single), statistics_of(parallel))
-    assert statistics_of(single)["vision"]["images"][0] == 100  # 2 batches of 50: each base test image once
+    assert statistics_of(single)["vision"]["images"][0] == 200  # base + new loaders, 100 images each, each once
 
 
 @pytest.mark.slow
@@ -214,7 +216,7 @@ def test_world_sizes_1_2_3_give_identical_metrics_statistics_and_predictions(dat
 
     def args(world: int, stage: str = "test") -> list[str]:
         return [stage, "--config", DEMO, "--config", str(config), "--out_dir", str(tmp_path), "--version",
-                f"{stage}{world}", *QUIET, "--trainer.callbacks", callbacks % (tmp_path / f"{stage}{world}")]
+                f"{stage}{world}", *QUIET, "--trainer.callbacks", callbacks % (tmp_path / "demo" / f"{stage}{world}")]
 
     cli_main([*args(1), "--trainer.devices", "1"])
     for world in (2, 3):
@@ -224,12 +226,14 @@ def test_world_sizes_1_2_3_give_identical_metrics_statistics_and_predictions(dat
         assert results_of(runs[world]) == results_of(runs[1])
         assert_same_statistics(statistics_of(runs[1]), statistics_of(runs[world]))
         assert recorded(runs[world], "test") == recorded(runs[1], "test")
+        assert len(list(runs[world].glob("test_rank*.pt"))) == world
     assert statistics_of(runs[1])["vision"]["images"][0] == PRIME_TEST_SET
     assert sorted(index for _, index in recorded(runs[1], "test")) == list(range(PRIME_TEST_SET))
     accuracy = results_of(runs[1])["test/all/acc"]
     assert round(accuracy * PRIME_TEST_SET / 100, 6).is_integer()  # a count out of 13, not out of a padded 14 or 15
     ok(mmprompt(*args(3, "predict"), *ddp(3), cwd=tmp_path))
-    assert recorded(tmp_path / "predict3", "predict") == recorded(runs[1], "test")
+    assert len(list((tmp_path / "demo" / "predict3").glob("predict_rank*.pt"))) == 3
+    assert recorded(tmp_path / "demo" / "predict3", "predict") == recorded(runs[1], "test")
 
 
 @pytest.mark.slow

@@ -44,6 +44,9 @@ def foreground_statistics(attention: Tensor, foreground: Tensor) -> tuple[Tensor
     return share, ratio, valid
 
 
+TEXT_FIELDS = ("eot_mass", "sequences")
+
+
 @dataclass
 class AttentionAccumulator:
     """Sums and counts per (layer, head), so ranks and batches combine by addition."""
@@ -75,9 +78,17 @@ class AttentionAccumulator:
         self.eot_mass[layer] += mass.double().sum(dim=0).to(self.eot_mass.device)
         self.sequences[layer] += mass.shape[0]
 
-    def reduced(self, reduce: ReduceFn) -> "AttentionAccumulator":
-        """A copy summed over ranks (``reduce`` is e.g. the strategy's all-reduce with op sum)."""
-        return AttentionAccumulator(**{f.name: reduce(getattr(self, f.name).clone()) for f in fields(self)})
+    def reduced(self, reduce: ReduceFn, text: bool = True) -> "AttentionAccumulator":
+        """A copy summed over ranks (``reduce`` is e.g. the strategy's all-reduce with op sum).
+
+        ``text=False`` keeps this rank's text sums: when every rank encodes the same class prompts,
+        summing would count each prompt once per rank.
+        """
+        def combined(name: str) -> Tensor:
+            value = getattr(self, name).clone()
+            return reduce(value) if text or name not in TEXT_FIELDS else value
+
+        return AttentionAccumulator(**{f.name: combined(f.name) for f in fields(self)})
 
     def summary(self) -> dict:
         """Means per layer and head (NaN where nothing was counted) as plain lists."""
@@ -252,7 +263,8 @@ class AttentionStatistics(L.Callback):
         if self.probe is None or not self._active(trainer, stage):
             return
         module.attention_probe = self._previous
-        self.summary = self.probe.accumulator.reduced(trainer_sum(trainer)).summary()
+        shared_text = not module.adapter.conditions_text_on_image  # every rank encodes the same class prompts
+        self.summary = self.probe.accumulator.reduced(trainer_sum(trainer), text=not shared_text).summary()
         self.summary["meta"] = {"adapter": type(module.adapter).__name__, "model_name": module.spec.model_name,
                                 "stage": stage, "max_batches": self.max_batches}
         self.probe = None
