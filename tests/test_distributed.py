@@ -164,25 +164,31 @@ def test_shipped_demo_config_under_ddp_matches_one_process(data_root, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("analysis", ANALYSIS_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_analysis_config_with_reference_and_route_intervention_under_ddp(analysis, data_root, tmp_path):
-    """An analysis config as shipped (statistics + overlays), fit under DDP; then a DDP test of that
-    checkpoint with the first run as reference and a mean-bias RouteIntervention added."""
-    common = ["--config", DEMO, "--config", str(analysis), "--data.root", str(data_root), "--out_dir", str(tmp_path),
-              *QUIET, *ddp(2)]
-    ok(mmprompt("fit", *common, "--version", "reference", "--data.shots", "2", "--trainer.max_epochs", "1",
+    """An analysis config as shipped (statistics + overlays) fit under DDP; a DDP test of that checkpoint
+    with the first run as reference; a DDP test with a mean-bias RouteIntervention (two passes, summed β)."""
+    common = ["--data.root", str(data_root), "--out_dir", str(tmp_path), *QUIET, *ddp(2)]
+    analysed = ["--config", DEMO, "--config", str(analysis), *common]
+    ok(mmprompt("fit", *analysed, "--version", "reference", "--data.shots", "2", "--trainer.max_epochs", "1",
                 "--trainer.limit_val_batches", "1", cwd=tmp_path))
     reference = tmp_path / "demo" / "reference"
+    checkpoint = str(reference / "checkpoints" / "last.ckpt")
     assert {"attention_overlay.png", "attention_maps.pt", "results.json"} <= {p.name for p in reference.iterdir()}
-    tested = mmprompt("test", *common, "--version", "compared", "--ckpt_path",
-                      str(reference / "checkpoints" / "last.ckpt"), "--trainer.callbacks.init_args.reference",
-                      str(reference), "--trainer.callbacks+=mmprompt.analysis.RouteIntervention",
-                      "--trainer.callbacks.init_args.mode", "mean_bias", cwd=tmp_path)
+    tested = mmprompt("test", *analysed, "--version", "compared", "--ckpt_path", checkpoint,
+                      "--trainer.callbacks.init_args.reference", str(reference), cwd=tmp_path)
     ok(tested)
-    assert "saved other images" not in tested.stderr and "overlay shows this model only" not in tested.stderr
+    # the overlay images are the first test images for any number of ranks, so the reference's maps match
+    assert "overlay shows this model only" not in tested.stderr
     compared = tmp_path / "demo" / "compared"
     maps = torch.load(compared / "attention_maps.pt", map_location="cpu", weights_only=False)
-    assert maps["images"].shape[0] == 8 and {"attention_overlay.png", "results.json"} <= {
-        p.name for p in compared.iterdir()}
-    assert results_of(compared) != results_of(reference)  # the intervention changed the evaluation
+    saved = torch.load(reference / "attention_maps.pt", map_location="cpu", weights_only=False)
+    assert maps["images"].shape[0] == 8 and torch.equal(maps["images"], saved["images"])
+    assert results_of(compared) == results_of(reference)  # same checkpoint, same test set
+    intervention = "[{class_path: mmprompt.analysis.RouteIntervention, init_args: {mode: mean_bias}}]"
+    ok(mmprompt("test", "--config", DEMO, *common, "--version", "intervened", "--ckpt_path", checkpoint,
+                "--trainer.callbacks", intervention, cwd=tmp_path))
+    intervened = results_of(tmp_path / "demo" / "intervened")
+    assert set(intervened) == {"test/base/acc", "test/new/acc", "test/hm"}
+    assert all(0 <= value <= 100 for value in intervened.values())
 
 
 def custom_prime_split(data_root: Path, folder: Path) -> Path:
