@@ -1,7 +1,7 @@
 """Run a whole protocol (methods × datasets × seeds [× shots]) and resume it after an interruption.
 
 ``mmprompt sweep --protocol base2new --methods maple bias --datasets eurosat dtd --seeds 1 2 3
---out_dir runs/base2new -- --trainer.devices 4 --trainer.strategy ddp``
+--out_dir runs/base2new --devices 0 1 2 3``
 
 The plan is deterministic: every run has a fixed folder ``<out_dir>/<name>/<version>/`` (name
 ``<Adapter>-<dataset>``, version ``seed<k>``, or ``<K>shots-seed<k>`` for the few-shot protocol), so
@@ -18,8 +18,9 @@ then ``mmprompt test`` that run's ``checkpoints/last.ckpt`` on each target. Zero
 on the seed). Everything after ``--`` is appended to every command, so it overrides the configs.
 
 ``--dry-run`` prints the plan, ``--print-commands`` prints only the commands still to run (one per
-line, for a cluster scheduler), otherwise the commands run one after another and ``mmprompt report``
-summarises ``out_dir`` at the end.
+line, for a cluster scheduler), otherwise the commands run one after another, or with ``--devices 0 1
+2 3`` in parallel, one per GPU (``CUDA_VISIBLE_DEVICES``), and ``mmprompt report`` summarises ``out_dir``
+at the end.
 """
 
 from __future__ import annotations
