@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import lightning as L
 import torch
@@ -70,6 +72,37 @@ def run_with_hard_timeout(argv: list[str], cwd: Path, timeout: float = HARD_TIME
             out, err = process.communicate()
             raise AssertionError(f"{' '.join(argv)} did not finish in {timeout} s (hang?)\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+
+@contextmanager
+def hard_deadline(seconds: int = HARD_TIMEOUT_S) -> Iterator[None]:
+    """For multi-process work inside the test process (``ddp_spawn``): after ``seconds`` kill this
+    process's children and fail, instead of waiting forever on a hung collective (Linux, main thread)."""
+    def expire(signum, frame) -> None:
+        for pid in child_pids(os.getpid()):
+            os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"multi-process run did not finish in {seconds} s (hang?)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def child_pids(parent: int) -> list[int]:
+    """Direct children of ``parent``, read from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            after_name = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(after_name[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
 
 
 def cli_env() -> dict[str, str]:

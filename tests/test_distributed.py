@@ -5,11 +5,14 @@ kills the DDP workers too, so a deadlock fails the test in minutes instead of bl
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import mmprompt, torchrun
+from run_helpers import child_pids, hard_deadline, mmprompt, torchrun
 
 from mmprompt.cli import claim_run_dir, cli_main
 from mmprompt.data import FewShotDataModule
@@ -270,3 +273,12 @@ def test_sweep_runs_two_jobs_in_parallel_one_per_device(data_root, tmp_path):
     ok(again)
     assert "sweep: 2 skipped" in again.stdout
 
+
+
+def test_hard_deadline_kills_children_and_fails_instead_of_hanging():
+    child = subprocess.Popen(["sleep", "60"])
+    started = time.perf_counter()
+    with pytest.raises(AssertionError, match="did not finish in 1 s"), hard_deadline(1):
+        child.wait()
+    assert time.perf_counter() - started < 10 and child.wait(timeout=5) == -9
+    assert child.pid not in child_pids(os.getpid())
