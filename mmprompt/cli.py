@@ -26,6 +26,7 @@ from .data.datamodule import FewShotDataModule
 from .files import UnreadableFile
 from .guards import (checkpoint_model_options, check_config_files, error_text, init_defaults, is_global_rank_zero,
                      refuse_reused_run_dir)
+from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
 from .module import PromptCLIPModule
 from .predictions import PredictionWriter
 from .report import RESULTS_FILE
@@ -65,11 +66,22 @@ def claim_run_dir(out_dir: str, name: str, version: str | None) -> Path:
     """The run folder, created now so that two runs started together never share one.
 
     DDP worker processes (LOCAL_RANK > 0) re-run this command; they take the folder rank 0 chose.
-    Launchers that start every rank themselves (torchrun, SLURM) need an explicit ``--version``.
+    Under torchrun rank 0 chooses and the others ask it; srun tasks derive one version (launch.py).
     """
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
         return Path(inherited)
+    version = version or slurm_version()
+    if version is None and launched_by_torchrun():
+        run_dir = agree_with_rank_zero(lambda: create_run_dir(out_dir, name, None))
+    else:
+        run_dir = create_run_dir(out_dir, name, version)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir
+
+
+def create_run_dir(out_dir: str, name: str, version: str | None) -> Path:
+    """``<out_dir>/<name>/<version>``, or the next free ``version_N`` claimed atomically by mkdir."""
     parent = Path(out_dir) / name
     parent.mkdir(parents=True, exist_ok=True)
     if version is not None:
@@ -83,7 +95,6 @@ def claim_run_dir(out_dir: str, name: str, version: str | None) -> Path:
                 break
             except FileExistsError:
                 continue
-    os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
 
 

@@ -329,7 +329,7 @@ class PromptCLIPModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         logits = self(batch["image"], self.class_sets("predict")[dataloader_idx])
-        return {"prediction": logits.argmax(dim=-1), "probability": logits.softmax(dim=-1)}
+        return {"prediction": logits.argmax(dim=-1), "probability": logits.softmax(dim=-1), "index": batch["index"]}
 
     def on_validation_epoch_start(self) -> None:
         self._text_cache.clear()
@@ -346,7 +346,7 @@ class PromptCLIPModule(L.LightningModule):
         results: dict[str, float] = {}
         for index, classes in enumerate(self.class_sets(stage)):
             metric = self.metrics[self._metric_key(stage, index)]
-            if not metric.update_called:
+            if not self._updated_on_any_rank(metric.update_called):
                 continue
             results[f"{prefix}/{classes.name}/acc"] = 100.0 * float(metric.compute())
             metric.reset()
@@ -355,6 +355,12 @@ class PromptCLIPModule(L.LightningModule):
         for name, value in results.items():
             self.log(name, value, prog_bar=stage == "validate", add_dataloader_idx=False)
         return results
+
+    def _updated_on_any_rank(self, updated: bool) -> bool:
+        """Whether any process saw a batch: a rank with an empty shard must still join the metric's sync."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return updated
+        return bool(self.trainer.strategy.reduce(torch.tensor(float(updated), device=self.device), reduce_op="sum") > 0)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_accuracies("validate")

@@ -1,7 +1,7 @@
 """Run a whole protocol (methods × datasets × seeds [× shots]) and resume it after an interruption.
 
 ``mmprompt sweep --protocol base2new --methods maple bias --datasets eurosat dtd --seeds 1 2 3
---out_dir runs/base2new -- --trainer.devices 4 --trainer.strategy ddp``
+--out_dir runs/base2new --devices 0 1 2 3``
 
 The plan is deterministic: every run has a fixed folder ``<out_dir>/<name>/<version>/`` (name
 ``<Adapter>-<dataset>``, version ``seed<k>``, or ``<K>shots-seed<k>`` for the few-shot protocol), so
@@ -18,17 +18,20 @@ then ``mmprompt test`` that run's ``checkpoints/last.ckpt`` on each target. Zero
 on the seed). Everything after ``--`` is appended to every command, so it overrides the configs.
 
 ``--dry-run`` prints the plan, ``--print-commands`` prints only the commands still to run (one per
-line, for a cluster scheduler), otherwise the commands run one after another and ``mmprompt report``
-summarises ``out_dir`` at the end.
+line, for a cluster scheduler), otherwise the commands run one after another, or with ``--devices 0 1
+2 3`` in parallel, one per GPU (``CUDA_VISIBLE_DEVICES``), and ``mmprompt report`` summarises ``out_dir``
+at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,8 +53,8 @@ DEFAULT_SEEDS = (1, 2, 3)
 ZERO_SHOT = "zero_shot"
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 
-#: runs one command (argv list) and returns its exit status; tests inject a fake
-Runner = Callable[[list[str]], int]
+#: runs one command (argv list) on a device (None: as configured) and returns its exit status; tests inject a fake
+Runner = Callable[[list[str], str | None], int]
 
 
 @dataclass(frozen=True)
@@ -218,41 +221,84 @@ class SweepSummary:
         return "\n".join(lines)
 
 
-def execute(config: SweepConfig, runs: Sequence[PlannedRun], runner: Runner, keep_going: bool = False,
-            log: Callable[[str], None] = print) -> SweepSummary:
-    """Run every unfinished run in order; a zero exit without results.json counts as a failure.
+class Scheduler:
+    """Runs planned runs on a set of device slots, in plan order: a run starts when a slot is free and,
+    for a test of a checkpoint, once its training run has finished. One slot is the sequential sweep."""
 
-    Stops at the first failure unless ``keep_going``; tests of a failed training run are ``blocked``.
-    """
-    summary = SweepSummary()
-    for index, run in enumerate(runs):
-        state = run_state(run)
-        if state == "done":
-            summary.add("skipped", run)
-            continue
-        if state == "waiting":
-            log(f"blocked (no finished training run {run.trained_by.run_dir}): {run.run_dir}")
-            summary.add("blocked", run)
-            continue
-        command = build_command(config, run)
-        log(f"[{index + 1}/{len(runs)}] {shlex.join(command)}")
-        status = runner(command)
+    def __init__(self, config: SweepConfig, runs: Sequence[PlannedRun], runner: Runner,
+                 devices: Sequence[str | None], keep_going: bool, log: Callable[[str], None]) -> None:
+        self.config, self.runner, self.keep_going, self.log = config, runner, keep_going, log
+        self.queue: list[tuple[int, PlannedRun]] = list(enumerate(runs, start=1))
+        self.total, self.free = len(runs), list(devices)
+        self.running: dict[Future, tuple[PlannedRun, str, str | None]] = {}
+        self.summary, self.stopped = SweepSummary(), False
+
+    def pending(self, run: PlannedRun) -> bool:
+        return any(queued is run for _, queued in self.queue) or any(r is run for r, _, _ in self.running.values())
+
+    def start_ready(self, pool: ThreadPoolExecutor) -> None:
+        """Start (or settle) queued runs in order while slots are free; keep tests whose training is pending."""
+        if self.stopped:
+            self.queue.clear()
+        for item in list(self.queue):
+            index, run = item
+            state = run_state(run)
+            if (state == "waiting" and self.pending(run.trained_by)) or (state in ("new", "resume") and not self.free):
+                continue
+            self.queue.remove(item)
+            if state == "done":
+                self.summary.add("skipped", run)
+            elif state == "waiting":
+                self.log(f"blocked (no finished training run {run.trained_by.run_dir}): {run.run_dir}")
+                self.summary.add("blocked", run)
+            else:
+                device = self.free.pop(0)
+                command = build_command(self.config, run)
+                pinned = "" if device is None else f"CUDA_VISIBLE_DEVICES={device} "
+                self.log(f"[{index}/{self.total}] {pinned}{shlex.join(command)}")
+                self.running[pool.submit(self.runner, command, device)] = (run, state, device)
+
+    def finish(self, future: Future) -> None:
+        """Count a finished command; a zero exit without results.json is a failure too."""
+        run, state, device = self.running.pop(future)
+        self.free.append(device)
+        status = future.result()
         if status == 0 and run.finished:
-            summary.add("resumed" if state == "resume" else "ran", run)
-            continue
+            self.summary.add("resumed" if state == "resume" else "ran", run)
+            return
         reason = f"exit status {status}" if status else f"exited 0 without {RESULTS_FILE}"
-        log(f"failed ({reason}): {run.run_dir}")
-        summary.add("failed", run)
-        if not keep_going:
-            break
-    return summary
+        self.log(f"failed ({reason}): {run.run_dir}")
+        self.summary.add("failed", run)
+        self.stopped = self.stopped or not self.keep_going
+
+    def run(self) -> SweepSummary:
+        with ThreadPoolExecutor(max_workers=len(self.free)) as pool:
+            self.start_ready(pool)
+            while self.running:
+                done, _ = wait(self.running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    self.finish(future)
+                self.start_ready(pool)
+        return self.summary
 
 
-def subprocess_runner(command: list[str]) -> int:
-    """Run a command with the terminal attached; ``mmprompt`` resolves to this environment's script."""
-    local = Path(sys.executable).with_name(command[0])
+def execute(config: SweepConfig, runs: Sequence[PlannedRun], runner: Runner, keep_going: bool = False,
+            log: Callable[[str], None] = print, devices: Sequence[str] = ()) -> SweepSummary:
+    """Run every unfinished run, one at a time, or one per device in parallel (``devices``).
+
+    Stops starting runs at the first failure unless ``keep_going``; tests of a failed training run are ``blocked``.
+    """
+    slots: Sequence[str | None] = list(devices) or [None]
+    return Scheduler(config, runs, runner, slots, keep_going, log).run()
+
+
+def subprocess_runner(command: list[str], device: str | None = None) -> int:
+    """Run a command with the terminal attached (pinned to one GPU with ``CUDA_VISIBLE_DEVICES`` when
+    ``device`` is given); ``mmprompt`` resolves to this environment's script."""
+    local = Path(sys.executable).with_name("mmprompt")
     argv = [str(local), *command[1:]] if command[0] == "mmprompt" and local.is_file() else command
-    return subprocess.run(argv, check=False).returncode
+    env = None if device is None else {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+    return subprocess.run(argv, check=False, env=env).returncode
 
 
 def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -283,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry_run", "--dry-run", action="store_true", help="print the plan without running anything")
     mode.add_argument("--print_commands", "--print-commands", action="store_true", help="print only the commands that can start now")
+    parser.add_argument("--devices", nargs="+", default=[], metavar="GPU",
+                        help="run independent runs in parallel, one per GPU (each pinned with CUDA_VISIBLE_DEVICES), "
+                        "e.g. --devices 0 1 2 3; default: one run at a time on what the configs choose")
     parser.add_argument("--keep_going", "--keep-going", action="store_true", help="continue after a failed run (default: stop)")
     parser.add_argument("--no_report", "--no-report", action="store_true", help="skip `mmprompt report` at the end")
     return parser
@@ -320,7 +369,7 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
                   file=sys.stderr)
         return 0
     try:
-        summary = execute(config, runs, runner or subprocess_runner, keep_going=args.keep_going)
+        summary = execute(config, runs, runner or subprocess_runner, keep_going=args.keep_going, devices=args.devices)
     except KeyboardInterrupt:
         print("mmprompt sweep: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

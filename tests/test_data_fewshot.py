@@ -140,7 +140,8 @@ def test_another_process_draws_the_same_split(pool_root):
         "print(json.dumps({k: [list(i) for i in v] for k, v in load_fewshot(catalog, 3, 5, None).items()}))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         timeout=120).stdout
     here = module(pool_root, shots=3, seed=5).fewshot(write=False)
     assert json.loads(out) == {k: [list(i) for i in v] for k, v in here.items()}
     assert not (pool_root / "split_fewshot" / "split-shot_3-seed_5.json").exists()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +39,7 @@ class FakeRunner:
         self.commands: list[list[str]] = []
         self.fail, self.status, self.write_results = fail, status, write_results
 
-    def __call__(self, command: list[str]) -> int:
+    def __call__(self, command: list[str], device: str | None = None) -> int:
         self.commands.append(command)
         run_dir = Path(option(command, "--out_dir")) / option(command, "--name") / option(command, "--version")
         if option(command, "--name") in self.fail:
@@ -186,3 +189,71 @@ def test_missing_configs_listed_before_anything_runs(workdir, capsys):
     assert sweep.main(["--protocol", "base2new", "--methods", "MaPLe", "--datasets", "dtd"], runner=runner) == 2
     assert "configs/methods/MaPLe.yaml" in capsys.readouterr().err
     assert runner.commands == []
+
+
+class SlowRunner(FakeRunner):
+    """A FakeRunner whose runs take a while, recording which device each ran on and how many overlapped."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.lock, self.active, self.most_at_once = threading.Lock(), set(), 0
+        self.devices: dict[str, str | None] = {}
+
+    def __call__(self, command: list[str], device: str | None = None) -> int:
+        name = f"{option(command, '--name')}/{option(command, '--version')}"
+        with self.lock:
+            assert device not in self.active, f"two runs on device {device} at once"
+            self.active.add(device)
+            self.most_at_once = max(self.most_at_once, len(self.active))
+            self.devices[name] = device
+        time.sleep(0.2)
+        with self.lock:
+            self.active.discard(device)
+        return super().__call__(command, device)
+
+
+def test_devices_run_independent_runs_in_parallel_one_per_device_with_skip_and_resume(workdir, capsys):
+    done = workdir / "runs/b2n/MaPLe-eurosat/seed1"
+    done.mkdir(parents=True)
+    (done / "results.json").write_text("{}")
+    killed = workdir / "runs/b2n/BiasTuning-dtd/seed2/checkpoints"
+    killed.mkdir(parents=True)
+    (killed / "last.ckpt").write_bytes(b"")
+    runner = SlowRunner()
+    started = time.perf_counter()
+    assert sweep.main(base2new(workdir, "--no-report", "--devices", "0", "1"), runner=runner) == 0
+    elapsed = time.perf_counter() - started
+    assert runner.most_at_once == 2 and set(runner.devices.values()) == {"0", "1"}
+    assert len(runner.commands) == 7 and "MaPLe-eurosat/seed1" not in runner.run_names
+    assert elapsed < 7 * 0.2  # 7 runs of 0.2 s on 2 devices: about 4 rounds, not 7
+    resumed = [c for c in runner.commands if "--ckpt_path" in c]
+    assert [f"{option(c, '--name')}/{option(c, '--version')}" for c in resumed] == ["BiasTuning-dtd/seed2"]
+    assert "CUDA_VISIBLE_DEVICES=0 mmprompt fit" in capsys.readouterr().out
+    again = SlowRunner()
+    assert sweep.main(base2new(workdir, "--no-report", "--devices", "0", "1"), runner=again) == 0
+    assert again.commands == []
+
+
+def test_parallel_transfer_tests_wait_for_their_training_run(workdir):
+    runner = SlowRunner()
+    assert sweep.main(cross_dataset_argv("--no-report", "--devices", "0", "1"), runner=runner) == 0
+    names = runner.run_names
+    assert names.index("MaPLe-imagenet/seed1") == 0 and len(names) == 6
+    # the zero-shot runs need no checkpoint and use the second device while MaPLe trains
+    assert names[1] == "ZeroShot-imagenet/seed1"
+    assert {"MaPLe-caltech101/seed1", "MaPLe-eurosat/seed1"} <= set(names[2:])
+
+
+def test_parallel_failure_stops_new_runs_and_blocks_tests(workdir, capsys):
+    runner = SlowRunner(fail=("MaPLe-imagenet",))
+    assert sweep.main(cross_dataset_argv("--no-report", "--devices", "0", "1", "--keep-going"), runner=runner) == 1
+    assert "MaPLe-caltech101/seed1" not in runner.run_names and len(runner.commands) == 4
+    assert "2 blocked" in capsys.readouterr().out
+    runner = SlowRunner(fail=("MaPLe-eurosat",))
+    assert sweep.main(base2new(workdir, "--no-report", "--devices", "0", "1"), runner=runner) == 1
+    assert len(runner.commands) == 2  # the two that were running when the first failed; nothing new started
+
+
+def test_subprocess_runner_pins_the_device():
+    code = "import os, sys; sys.exit(int(os.environ['CUDA_VISIBLE_DEVICES']))"
+    assert sweep.subprocess_runner([sys.executable, "-c", code], "3") == 3

@@ -82,7 +82,11 @@ def trainer_sum(trainer) -> ReduceFn:
 
 
 def run_folder(trainer, output_dir: str | None) -> Path:
-    """Where results go: the configured folder, else the run's log folder, else its root folder."""
+    """Where results go: the configured folder, else the run's log folder, else its root folder.
+
+    Call it on every rank, never under ``if trainer.is_global_zero``: ``trainer.log_dir`` is a
+    broadcast, and a collective reached by rank 0 alone waits forever.
+    """
     folder = Path(output_dir or trainer.log_dir or trainer.default_root_dir)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
@@ -92,6 +96,16 @@ def as_loader_list(loaders) -> list[DataLoader]:
     if loaders is None:
         return []
     return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+def first_items(loader, count: int) -> dict[str, Tensor] | None:
+    """The first ``count`` samples of a DataLoader's dataset, collated: the same images for any
+    number of processes (a rank's batches are only its shard of the data)."""
+    if count < 1 or not isinstance(loader, DataLoader):
+        return None
+    dataset = loader.dataset
+    samples = [dataset[index] for index in range(min(count, len(dataset)))]
+    return loader.collate_fn(samples) if samples else None
 
 
 def fresh_loader(loader):

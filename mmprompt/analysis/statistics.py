@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..attention import AttentionSite, fused_attention
 from ..data.masks import mask_to_patch_grid
-from .common import ReduceFn, markdown_table, run_folder, trainer_sum, write_table
+from .common import ReduceFn, as_loader_list, first_items, markdown_table, run_folder, trainer_sum, write_table
 from .decomposition import Decomposition, decompose_scores, row_scores
 
 Stage = Literal["test", "validate"]
@@ -42,6 +42,9 @@ def foreground_statistics(attention: Tensor, foreground: Tensor) -> tuple[Tensor
     valid = fraction > 0
     ratio = share / fraction.clamp(min=1e-30)[:, None]
     return share, ratio, valid
+
+
+TEXT_FIELDS = ("eot_mass", "sequences")
 
 
 @dataclass
@@ -75,9 +78,17 @@ class AttentionAccumulator:
         self.eot_mass[layer] += mass.double().sum(dim=0).to(self.eot_mass.device)
         self.sequences[layer] += mass.shape[0]
 
-    def reduced(self, reduce: ReduceFn) -> "AttentionAccumulator":
-        """A copy summed over ranks (``reduce`` is e.g. the strategy's all-reduce with op sum)."""
-        return AttentionAccumulator(**{f.name: reduce(getattr(self, f.name).clone()) for f in fields(self)})
+    def reduced(self, reduce: ReduceFn, text: bool = True) -> "AttentionAccumulator":
+        """A copy summed over ranks (``reduce`` is e.g. the strategy's all-reduce with op sum).
+
+        ``text=False`` keeps this rank's text sums: when every rank encodes the same class prompts,
+        summing would count each prompt once per rank.
+        """
+        def combined(name: str) -> Tensor:
+            value = getattr(self, name).clone()
+            return reduce(value) if text or name not in TEXT_FIELDS else value
+
+        return AttentionAccumulator(**{f.name: combined(f.name) for f in fields(self)})
 
     def summary(self) -> dict:
         """Means per layer and head (NaN where nothing was counted) as plain lists."""
@@ -223,7 +234,6 @@ class AttentionStatistics(L.Callback):
         self.probe: StatisticsProbe | None = None
         self.summary: dict | None = None  #: the last recorded statistics (rank 0 and others alike)
         self._previous = None
-        self._overlay_batches: list[dict[str, Tensor]] = []
 
     # -- lifecycle shared by test and validation ------------------------------------------------
 
@@ -235,7 +245,6 @@ class AttentionStatistics(L.Callback):
             return
         self.probe = StatisticsProbe(AttentionAccumulator.zeros(module.spec, module.device))
         self._previous = module.attention_probe
-        self._overlay_batches = []
         module._text_cache.clear()
 
     def _batch_start(self, trainer: L.Trainer, module, batch: dict, batch_idx: int, stage: Stage) -> None:
@@ -249,29 +258,22 @@ class AttentionStatistics(L.Callback):
         if "mask" in batch:
             foreground = mask_to_patch_grid(batch["mask"], module.spec.patch_size, self.mask_threshold)
         self.probe.set_batch(foreground, batch.get("has_mask"))
-        if stage == "test" and trainer.is_global_zero:
-            self._keep_overlay_images(batch)
-
-    def _keep_overlay_images(self, batch: dict) -> None:
-        kept = sum(len(b["image"]) for b in self._overlay_batches)
-        if kept < self.overlay_images:
-            take = self.overlay_images - kept
-            self._overlay_batches.append({key: batch[key][:take].detach().cpu() for key in ("image", "mask")
-                                          if key in batch})
 
     def _finish(self, trainer: L.Trainer, module, stage: Stage) -> None:
         if self.probe is None or not self._active(trainer, stage):
             return
         module.attention_probe = self._previous
-        self.summary = self.probe.accumulator.reduced(trainer_sum(trainer)).summary()
+        shared_text = not module.adapter.conditions_text_on_image  # every rank encodes the same class prompts
+        self.summary = self.probe.accumulator.reduced(trainer_sum(trainer), text=not shared_text).summary()
         self.summary["meta"] = {"adapter": type(module.adapter).__name__, "model_name": module.spec.model_name,
                                 "stage": stage, "max_batches": self.max_batches}
         self.probe = None
+        folder = run_folder(trainer, self.output_dir)  # a collective: every rank, before the rank-0 branch
         if trainer.is_global_zero:
             prefix = "" if stage == "test" else f"val_epoch{trainer.current_epoch:03d}_"
-            self.write(run_folder(trainer, self.output_dir), prefix)
+            self.write(folder, prefix)
             if stage == "test" and self.overlay_images:
-                self.write_overlays(module, run_folder(trainer, self.output_dir))
+                self.write_overlays(module, trainer, folder)
 
     def write(self, folder: Path, prefix: str = "") -> None:
         """CSV, JSON and plot of ``self.summary``; print the summary table."""
@@ -285,10 +287,13 @@ class AttentionStatistics(L.Callback):
             print(f"[cls]→foreground attention ({self.summary['meta']['adapter']}, {self.summary['meta']['stage']}):")
             print(summary_table(self.summary))
 
-    def write_overlays(self, module, folder: Path) -> None:
+    def write_overlays(self, module, trainer: L.Trainer, folder: Path) -> None:
+        """Overlays of the first ``overlay_images`` test images (the same ones for any number of ranks)."""
         from .overlays import overlay_from_callback
 
-        overlay_from_callback(module, self._overlay_batches, self.overlay_layer, folder, self.reference)
+        loaders = as_loader_list(trainer.test_dataloaders)
+        batch = first_items(loaders[0], self.overlay_images) if loaders else None
+        overlay_from_callback(module, [batch] if batch else [], self.overlay_layer, folder, self.reference)
 
     # -- Lightning hooks --------------------------------------------------------------------------
 

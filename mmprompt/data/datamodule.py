@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from .catalog import Catalog, Item, require_files
 from .custom import resolve_spec
 from .dataset import ItemDataset
+from .distributed import per_device_batch, unrepeated_sampler, world_of
 from .fewshot import SUBSAMPLES, cache_path, check_shots, class_subset, load_fewshot, relabel
 from .protocol import ClassSet
 from .registry import DatasetSpec, ensemble_templates
@@ -65,8 +66,8 @@ class FewShotDataModule(L.LightningDataModule):
             seed: Seed of the few-shot draw (CoOp reports seeds 1, 2, 3).
             subsample: Classes to train and validate on: ``all``, ``base`` (first ⌈n/2⌉ sorted labels) or ``new``.
             test_subsamples: One test dataloader per entry; default ``[base, new]`` when subsample is base, else ``[subsample]``.
-            batch_size: Training batch size (per device).
-            eval_batch_size: Validation/test batch size (per device).
+            batch_size: Training batch size, global: each of W processes takes ``batch_size / W`` (must divide).
+            eval_batch_size: Validation/test/predict batch size per process (it does not change results).
             num_workers: DataLoader worker processes.
             image_size: Side of the square model input.
             mean: Normalisation mean (CLIP's by default).
@@ -163,16 +164,21 @@ class FewShotDataModule(L.LightningDataModule):
         return ItemDataset(self.spec.dataset_dir(self.root), relabel(items, kept), transform, masks, self.spec.name)
 
     def loaders(self, key: str, batch_size: int, shuffle: bool) -> list[DataLoader]:
+        """Loaders of ``key``; on several processes evaluation loaders read unpadded shards."""
         if key not in self.datasets:
             raise RuntimeError(f"no {key} data: call setup() with the matching stage first")
+        world_size, rank = world_of(self.trainer)
         return [
             DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                       persistent_workers=self.num_workers > 0)
+                       persistent_workers=self.num_workers > 0,
+                       sampler=None if key == "train" else unrepeated_sampler(ds, world_size, rank, key))
             for ds in self.datasets[key]
         ]
 
     def train_dataloader(self) -> DataLoader:
-        return self.loaders("train", self.batch_size, shuffle=True)[0]
+        """Batches of ``batch_size / world size``: ``data.batch_size`` is the global batch of the recipe."""
+        world_size, _ = world_of(self.trainer)
+        return self.loaders("train", per_device_batch(self.batch_size, world_size), shuffle=True)[0]
 
     def val_dataloader(self) -> DataLoader:
         return self.loaders("val", self.eval_batch_size, shuffle=False)[0]
