@@ -88,13 +88,18 @@ def test_dry_run_prints_exact_commands_with_overrides_last(workdir, capsys):
     ]
 
 
-def test_finished_runs_skipped_and_interrupted_runs_resumed(workdir):
+def finished_and_killed_runs(workdir: Path) -> None:
+    """A finished run (MaPLe-eurosat seed 1: results.json) and a killed one (BiasTuning-dtd seed 2: last.ckpt)."""
     done = workdir / "runs/b2n/MaPLe-eurosat/seed1"
     done.mkdir(parents=True)
     (done / "results.json").write_text("{}")
     killed = workdir / "runs/b2n/BiasTuning-dtd/seed2/checkpoints"
     killed.mkdir(parents=True)
     (killed / "last.ckpt").write_bytes(b"")
+
+
+def test_finished_runs_skipped_and_interrupted_runs_resumed(workdir):
+    finished_and_killed_runs(workdir)
     runner = FakeRunner()
     assert sweep.main(base2new(workdir, "--no-report"), runner=runner) == 0
     assert "MaPLe-eurosat/seed1" not in runner.run_names and len(runner.commands) == 7
@@ -213,12 +218,7 @@ class SlowRunner(FakeRunner):
 
 
 def test_devices_run_independent_runs_in_parallel_one_per_device_with_skip_and_resume(workdir, capsys):
-    done = workdir / "runs/b2n/MaPLe-eurosat/seed1"
-    done.mkdir(parents=True)
-    (done / "results.json").write_text("{}")
-    killed = workdir / "runs/b2n/BiasTuning-dtd/seed2/checkpoints"
-    killed.mkdir(parents=True)
-    (killed / "last.ckpt").write_bytes(b"")
+    finished_and_killed_runs(workdir)
     runner = SlowRunner()
     started = time.perf_counter()
     assert sweep.main(base2new(workdir, "--no-report", "--devices", "0", "1"), runner=runner) == 0
