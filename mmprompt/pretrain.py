@@ -45,9 +45,11 @@ COLOUR_PROMPT = "a photo of a {} shape."
 class WorldStream(Dataset):
     """Item ``i`` of a generated stream: normalised image, token ids of its caption, mask and labels."""
 
-    def __init__(self, seed: int, length: int, image_size: int, tokenizer_name: str) -> None:
+    def __init__(self, seed: int, length: int, image_size: int, tokenizer_name: str,
+                 group_size: int | None = None, colours_per_group: int = len(COLOURS)) -> None:
         self.seed, self.length, self.image_size = seed, length, image_size
         self.tokenizer_name = tokenizer_name
+        self.group_size, self.colours_per_group = group_size, colours_per_group
         self._tokenizer = None
 
     def __len__(self) -> int:
@@ -56,7 +58,8 @@ class WorldStream(Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         if self._tokenizer is None:  # built lazily so worker processes each get their own
             self._tokenizer = get_tokenizer(self.tokenizer_name)
-        image, mask, scene, text = world_sample(self.seed, int(index), self.image_size)
+        image, mask, scene, text = world_sample(self.seed, int(index), self.image_size,
+                                                group_size=self.group_size, colours_per_group=self.colours_per_group)
         return {
             "image": (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - MEAN) / STD,
             "text": self._tokenizer([text])[0],
@@ -93,10 +96,14 @@ class WorldDataModule(L.LightningDataModule):
         image_size: side of the generated images (linked from the model).
         num_workers: generator processes (one keeps 2 cores busy: generation is ~15% of a step).
         tokenizer: open_clip model name whose tokenizer writes the captions' token ids.
+        colours_per_batch: colours the named objects of one training batch are drawn from (12: all).
+            Few colours per batch are hard negatives for colour: with all 12, colour alone matches
+            most caption/image pairs and the model settles there without learning shape.
     """
 
     def __init__(self, seed: int = 0, steps_per_epoch: int = 200, batch_size: int = 128, val_size: int = 600,
-                 image_size: int = 64, num_workers: int = 1, tokenizer: str = "mmprompt-tiny") -> None:
+                 image_size: int = 64, num_workers: int = 1, tokenizer: str = "mmprompt-tiny",
+                 colours_per_batch: int = 3) -> None:
         super().__init__()
         self.save_hyperparameters()
         if steps_per_epoch < 1 or batch_size < 2:
@@ -105,7 +112,10 @@ class WorldDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        stream = WorldStream(h.seed, h.steps_per_epoch * h.batch_size, h.image_size, h.tokenizer)
+        if not 1 <= h.colours_per_batch <= len(COLOURS):
+            raise ValueError(f"data.colours_per_batch must be in 1..{len(COLOURS)}, got {h.colours_per_batch}")
+        stream = WorldStream(h.seed, h.steps_per_epoch * h.batch_size, h.image_size, h.tokenizer,
+                             group_size=h.batch_size, colours_per_group=h.colours_per_batch)
         return DataLoader(stream, batch_size=h.batch_size, sampler=EpochStream(len(stream)), drop_last=True,
                           num_workers=h.num_workers, persistent_workers=h.num_workers > 0)
 

@@ -86,3 +86,12 @@ def test_every_background_family_renders(background):
 
     image, mask, scene = render_scene(np.random.default_rng(0), 64, WorldStyle((background,)))
     assert scene.background == background and image.std() > 5 and mask.any()
+
+
+def test_training_batches_draw_their_objects_from_few_colours():
+    groups = [{world_sample(0, group * 16 + i, 64, group_size=16, colours_per_group=3)[2].colour for i in range(16)}
+              for group in range(6)]
+    assert all(len(colours) <= 3 for colours in groups)
+    assert len(set().union(*groups)) > 3  # other batches, other colours
+    assert world_sample(0, 5, 64, group_size=16, colours_per_group=3)[3] == \
+        world_sample(0, 5, 64, group_size=16, colours_per_group=3)[3]

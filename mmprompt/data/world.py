@@ -152,10 +152,12 @@ SHIFTED_STYLE = WorldStyle(SHIFTED_BACKGROUNDS, colour_cast=(1.1, 0.95, 0.75), h
 
 
 def render_scene(rng: np.random.Generator, size: int, style: WorldStyle = PRETRAIN_STYLE,
-                 shape: str | None = None) -> tuple[np.ndarray, np.ndarray, Scene]:
-    """One image (size, size, 3) uint8, its foreground mask (size, size) bool, and what it shows."""
+                 shape: str | None = None, colours: tuple[str, ...] = tuple(COLOURS)
+                 ) -> tuple[np.ndarray, np.ndarray, Scene]:
+    """One image (size, size, 3) uint8, its foreground mask (size, size) bool, and what it shows
+    (the named object's colour drawn from ``colours``)."""
     shape = shape or SHAPES[int(rng.integers(len(SHAPES)))]
-    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    colour = colours[int(rng.integers(len(colours)))]
     size_word = list(SIZES)[int(rng.integers(len(SIZES)))]
     kind = style.backgrounds[int(rng.integers(len(style.backgrounds)))]
     rgb = np.asarray(COLOURS[colour], dtype=np.float32)
@@ -200,11 +202,25 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(text)
 
 
-def world_sample(seed: int, index: int, size: int, style: WorldStyle = PRETRAIN_STYLE
+def batch_colours(seed: int, group: int, count: int) -> tuple[str, ...]:
+    """The ``count`` colours of training batch ``group``: few colours per batch make colour useless for
+    telling most pairs apart, so the contrastive loss can only fall by learning shape (and the rest)."""
+    rng = np.random.default_rng([seed, group, 1])
+    return tuple(np.asarray(list(COLOURS))[rng.choice(len(COLOURS), count, replace=False)])
+
+
+def world_sample(seed: int, index: int, size: int, style: WorldStyle = PRETRAIN_STYLE,
+                 group_size: int | None = None, colours_per_group: int = len(COLOURS)
                  ) -> tuple[np.ndarray, np.ndarray, Scene, str]:
-    """Image, mask, scene and caption number ``index`` of the stream ``seed`` (a pure function of both)."""
+    """Image, mask, scene and caption number ``index`` of the stream ``seed`` (a pure function of both).
+
+    With ``group_size`` (the batch size), the samples of each group of ``group_size`` consecutive
+    indices share ``colours_per_group`` colours (`batch_colours`)."""
     rng = np.random.default_rng([seed, index])
-    image, mask, scene = render_scene(rng, size, style)
+    colours = tuple(COLOURS)
+    if group_size is not None and colours_per_group < len(COLOURS):
+        colours = batch_colours(seed, index // group_size, colours_per_group)
+    image, mask, scene = render_scene(rng, size, style, colours=colours)
     return image, mask, scene, caption(scene, rng)
 
 
