@@ -33,7 +33,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 PRETRAIN_BACKGROUNDS = {"flat": "plain", "gradient": "gradient", "stripes": "striped", "checks": "checkered",
                         "noise": "noisy", "clutter": "cluttered"}
 SHIFTED_BACKGROUNDS = ("dots", "waves")  # held out of pretraining
-SIZES = {"small": (0.17, 0.25), "large": (0.30, 0.42)}  # object radius as a fraction of the image side
+SIZES = {"small": (0.2, 0.28), "large": (0.32, 0.45)}  # object radius as a fraction of the image side
+#: each shape's upright drawing angle (triangles and stars point up, squares and crosses sit on an edge,
+#: diamonds stand tall, arrows point right); objects are tilted from it by at most MAX_TILT
+UPRIGHT = {"triangle": -math.pi / 2, "star": -math.pi / 2, "square": math.pi / 4, "diamond": math.pi / 2}
+MAX_TILT = math.pi / 6
 SUPERSAMPLE = 2
 
 
@@ -118,7 +122,7 @@ def draw_world_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float
         points = [(cx, cy + r)]
         points += polygon(cx - lobe, cy - 0.2 * r, lobe, 12, math.pi * 0.75)[:8]
         points += polygon(cx + lobe, cy - 0.2 * r, lobe, 12, math.pi * 1.25)[:8]
-        c, s = math.cos(angle * 0.25), math.sin(angle * 0.25)  # hearts stay roughly upright
+        c, s = math.cos(angle), math.sin(angle)
         draw.polygon([(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points], fill=1)
     elif shape == "bar":
         t = 0.28 * r
@@ -151,6 +155,12 @@ PRETRAIN_STYLE = WorldStyle(tuple(PRETRAIN_BACKGROUNDS))
 SHIFTED_STYLE = WorldStyle(SHIFTED_BACKGROUNDS, colour_cast=(1.1, 0.95, 0.75), hatched=True)
 
 
+def tilted(shape: str, rng: np.random.Generator) -> float:
+    """The drawing angle: the shape's upright angle plus a tilt of at most ±30°. Free rotation would make
+    a tilted square a diamond and hide shape from a tiny model for most of its budget."""
+    return UPRIGHT.get(shape, 0.0) + rng.uniform(-MAX_TILT, MAX_TILT)
+
+
 def render_scene(rng: np.random.Generator, size: int, style: WorldStyle = PRETRAIN_STYLE,
                  shape: str | None = None, colours: tuple[str, ...] = tuple(COLOURS)
                  ) -> tuple[np.ndarray, np.ndarray, Scene]:
@@ -168,10 +178,10 @@ def render_scene(rng: np.random.Generator, size: int, style: WorldStyle = PRETRA
     for _ in range(distractors):  # small unnamed shapes, drawn first so the named object covers them
         dr = rng.uniform(0.06, 0.1) * size
         other = list(COLOURS.values())[int(rng.integers(len(COLOURS)))]
-        cover = shape_mask(SHAPES[int(rng.integers(len(SHAPES)))], *rng.uniform(dr, size - dr, 2), dr,
-                           rng.uniform(0, 2 * math.pi), size)[..., None]
+        other_shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        cover = shape_mask(other_shape, *rng.uniform(dr, size - dr, 2), dr, tilted(other_shape, rng), size)[..., None]
         pixels = pixels * (1 - cover) + np.asarray(other, dtype=np.float32) * cover
-    coverage = shape_mask(shape, cx, cy, r, rng.uniform(0, 2 * math.pi), size)
+    coverage = shape_mask(shape, cx, cy, r, tilted(shape, rng), size)
     fill = np.broadcast_to(rgb * np.asarray(style.colour_cast, dtype=np.float32), (size, size, 3))
     if style.hatched:
         yy, xx = np.mgrid[0:size, 0:size]
