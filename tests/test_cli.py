@@ -202,3 +202,25 @@ def test_prompt_analysis_command_writes_both_tables(data_root, tmp_path, capsys)
     assert len(words) == 1 + 9 * 2  # header + MaPLe's 9 layers x 2 context tokens
     assert (tmp_path / "demo" / "analysed" / "vision_prompt_similarity.md").is_file()
     assert "vision_prompt_similarity:" in capsys.readouterr().out
+
+
+def test_compare_zero_shot_reports_zero_shot_clip_on_the_same_backbone_and_classes(data_root, tmp_path, capsys):
+    import lightning as L
+
+    from mmprompt.adapters import ZeroShot
+    from mmprompt.module import PromptCLIPModule
+
+    cli = cli_main(["fit", "--config", str(CONFIGS / "demo.yaml"), "--data.root", str(data_root), "--out_dir",
+                    str(tmp_path), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                    "--trainer.enable_progress_bar", "false", "--compare_zero_shot", "true"])
+    results = json.loads((tmp_path / "demo" / "version_0" / "results.json").read_text())
+    assert set(results["zero_shot_metrics"]) == set(results["metrics"]) == {"test/base/acc", "test/new/acc", "test/hm"}
+    zero_shot = PromptCLIPModule(ZeroShot(), model_name="mmprompt-tiny", pretrained=None)
+    zero_shot.clip.load_state_dict(cli.model.clip.state_dict())
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(zero_shot, datamodule=cli.datamodule)
+    assert zero_shot.test_results == pytest.approx(results["zero_shot_metrics"], abs=1e-4)
+    printed = capsys.readouterr().out
+    assert "zero-shot" in printed and "MaPLe" in printed
+    # the run's own files describe the tuned model only: one test row set in metrics.csv, its statistics
+    metrics = (tmp_path / "demo" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert sum(1 for line in metrics[1:] if line.split(",")[metrics[0].split(",").index("test/base/acc")]) == 1
