@@ -10,16 +10,15 @@ held-out set from the same world, so a run shows its curve without any other too
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import open_clip
-from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 import torch
 import torch.nn.functional as F
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -30,8 +29,6 @@ from .backbone import get_tokenizer, register_bundled_configs
 from .checkpoint_io import AtomicCheckpointIO
 from .data.world import COLOURS, SHAPES, world_sample
 from .encoders import TokenizedPrompts, encode_image, encode_text
-
-log = logging.getLogger(__name__)
 
 VALIDATION_SEED_OFFSET = 1_000_003  # the held-out stream: another seed, never drawn in training
 MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
