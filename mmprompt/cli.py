@@ -196,7 +196,7 @@ class MMPromptCLI(LightningCLI):
         hparams = self.model.hparams
         baseline = PromptCLIPModule(ZeroShot(), model_name=hparams.model_name, pretrained=hparams.pretrained,
                                     force_quick_gelu=hparams.force_quick_gelu)
-        baseline.clip.load_state_dict(self.model.clip.state_dict())  # the very same backbone, random weights too
+        baseline.use_clip(self.model.clip)  # the very same frozen backbone, random weights too
         callbacks, loggers = self.trainer.callbacks, self.trainer.loggers
         self.trainer.callbacks = [callback for callback in callbacks if isinstance(callback, ProgressBar)]
         self.trainer.loggers = []

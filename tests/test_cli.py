@@ -216,7 +216,7 @@ def test_compare_zero_shot_reports_zero_shot_clip_on_the_same_backbone_and_class
     results = json.loads((tmp_path / "demo" / "version_0" / "results.json").read_text())
     assert set(results["zero_shot_metrics"]) == set(results["metrics"]) == {"test/base/acc", "test/new/acc", "test/hm"}
     zero_shot = PromptCLIPModule(ZeroShot(), model_name="mmprompt-tiny", pretrained=None)
-    zero_shot.clip.load_state_dict(cli.model.clip.state_dict())
+    zero_shot.use_clip(cli.model.clip)
     L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(zero_shot, datamodule=cli.datamodule)
     assert zero_shot.test_results == pytest.approx(results["zero_shot_metrics"], abs=1e-4)
     printed = capsys.readouterr().out
