@@ -183,12 +183,22 @@ def load_clip(model_name: str, pretrained: str | None = None, force_quick_gelu: 
         quick_gelu = force_quick_gelu or is_openai
         if is_openai and not open_clip.get_model_config(model_name).get("quick_gelu", False):
             log.info("%s holds OpenAI weights: building %s with QuickGELU", pretrained, model_name)
-        model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
+        model = create_before_loading(model_name, quick_gelu)
         _load_weights_strictly(model, state_dict, Path(pretrained), model_name)
     else:
         quick_gelu = force_quick_gelu or pretrained == "openai"
         model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=quick_gelu)
     return freeze(model)
+
+
+def create_before_loading(model_name: str, quick_gelu: bool) -> nn.Module:
+    """open_clip's model with random weights, without its "initialized randomly" warning: the caller loads
+    the real weights next, and the warning would tell users the opposite of what happens."""
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def get_tokenizer(model_name: str):

@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics.classification import MulticlassAccuracy
 
-from .backbone import get_tokenizer, register_bundled_configs
+from .backbone import get_tokenizer, load_clip, register_bundled_configs
 from .checkpoint_io import AtomicCheckpointIO
 from .data.world import COLOURS, SHAPES, world_sample
 from .encoders import TokenizedPrompts, encode_image, encode_text
@@ -160,16 +160,21 @@ class PretrainCLIP(L.LightningModule):
         betas: AdamW betas.
         warmup_steps: linear warm-up steps before the cosine decay (over all of trainer.max_epochs).
         init_seed: seed of the random initial weights (so a run is reproducible whatever else drew numbers).
+        pretrained: start from these weights instead (a bundled tag such as ``synthetic-world`` or a local
+            file, as ``model.pretrained`` of a prompt run): continue a recipe, or validate shipped weights.
     """
 
     def __init__(self, model_name: str = "mmprompt-tiny", lr: float = 2e-3, weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.98), warmup_steps: int = 100, init_seed: int = 0) -> None:
+                 betas: tuple[float, float] = (0.9, 0.98), warmup_steps: int = 100, init_seed: int = 0,
+                 pretrained: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         register_bundled_configs()
         with torch.random.fork_rng():
             torch.manual_seed(init_seed)
             self.clip = open_clip.create_model(model_name, pretrained=None)
+        if pretrained is not None:
+            self.clip = load_clip(model_name, pretrained).requires_grad_(True)
         self.tokenizer = get_tokenizer(model_name)
         self.loss = ClipLoss()
         self.shape_accuracy = MulticlassAccuracy(num_classes=len(SHAPES), average="micro")

@@ -146,14 +146,17 @@ def test_torchrun_without_an_agent_store_asks_for_a_version(monkeypatch, tmp_pat
 @pytest.mark.slow
 def test_shipped_demo_config_under_ddp_matches_one_process(data_root, tmp_path):
     """configs/demo.yaml exactly as shipped (its AttentionStatistics callback included), fit and test."""
-    common = ["--config", DEMO, "--data.root", str(data_root), "--out_dir", str(tmp_path), *QUIET]
+    # eval batches of 150: the callback's 2 recorded batches per process then cover all 300 images of each
+    # test set on one process and on two, so both see the same images (max_batches counts per process)
+    common = ["--config", DEMO, "--data.root", str(data_root), "--out_dir", str(tmp_path), "--data.eval_batch_size",
+              "150", *QUIET]
     ok(mmprompt("fit", *common, "--version", "ddp_fit", *ddp(2), "--data.shots", "4", "--trainer.max_epochs", "1",
                 cwd=tmp_path))
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["ddp_fit"], "one run folder for both ranks"
     fitted = tmp_path / "demo" / "ddp_fit"
     assert {"results.json", "attention_stats.json", "attention_stats.png"} <= {p.name for p in fitted.iterdir()}
     checkpoint = fitted / "checkpoints" / "last.ckpt"
-    # 20 training images, global batch 16: 2 steps on 2 processes (8 each), as on one process
+    # 24 training images (6 base classes x 4 shots), global batch 16: 2 steps on 2 processes, as on one
     assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == 2
     runs = {"single": ["--trainer.devices", "1"], "ddp": ddp(2)}
     for name, devices in runs.items():
@@ -161,7 +164,7 @@ def test_shipped_demo_config_under_ddp_matches_one_process(data_root, tmp_path):
     single, parallel = tmp_path / "demo" / "single", tmp_path / "demo" / "ddp"
     assert results_of(parallel) == results_of(single) and results_of(single)["test/base/acc"] > 0
     assert_same_statistics(statistics_of(single), statistics_of(parallel))
-    assert statistics_of(single)["vision"]["images"][0] == 200  # base + new loaders, 100 images each, each once
+    assert statistics_of(single)["vision"]["images"][0] == 600  # base + new loaders, 300 images each, each once
 
 
 @pytest.mark.slow

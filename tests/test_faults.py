@@ -142,8 +142,8 @@ def test_truncated_image_names_the_file_and_the_dataset(data_root, tmp_path, cap
     with pytest.raises(UnreadableFile, match=f"cannot read image {broken} \\(listed by dataset synthetic\\)"):
         dataset[0]
     for workers in ("0", "1"):  # a worker process's traceback is not shown either
-        status = main(["test", "--config", DEMO, "--config", ZERO_SHOT, "--data.root", str(root), "--out_dir",
-                       str(tmp_path / "runs"), "--data.eval_batch_size", "10", "--trainer.limit_test_batches", "1",
+        status = main(["test", "--config", DEMO, "--config", ZERO_SHOT, "--data.dataset", "synthetic", "--data.root",
+                       str(root), "--out_dir", str(tmp_path / "runs"), "--data.eval_batch_size", "10", "--trainer.limit_test_batches", "1",
                        "--data.num_workers", workers, *QUIET])
         assert status == 2
         assert_clear_error(capsys, f"cannot read image {broken} (listed by dataset synthetic): image file is truncated")

@@ -94,7 +94,7 @@ def trained_run(data_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     cli_main(["fit", "--config", "demo", "--model.adapter", "mmprompt.adapters.BiasTuning",
               "--model.adapter.init_args.placement", "both", "--model.adapter.init_args.init_std", "0.5",
-              "--data.root", str(data_root), "--out_dir", str(out), "--version", "trained",
+              "--data.dataset", "synthetic", "--data.root", str(data_root), "--out_dir", str(out), "--version", "trained",
               "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", *COMMON])
     return out / "demo" / "trained"
 
@@ -158,7 +158,7 @@ def test_load_from_checkpoint_needs_no_argument_and_warns_about_nothing(trained_
     described = checkpoint["mmprompt"]
     assert described["adapter_config"] == {"class_path": "mmprompt.adapters.BiasTuning", "init_args": {
         "layers": 9, "branches": "both", "placement": "both", "init_std": 0.5}}
-    assert (described["model_name"], described["pretrained"], described["version"]) == ("mmprompt-tiny", None, "0.1.0")
+    assert (described["model_name"], described["pretrained"], described["version"]) == ("mmprompt-tiny", "synthetic-world", "0.1.0")
     assert [c["name"] for c in described["class_sets"]["test"]] == ["base", "new"]
     assert described["class_sets"]["test"][1]["classnames"][:2] == ["ring", "hexagon"]
     with warnings.catch_warnings(record=True) as caught:
@@ -247,7 +247,7 @@ def test_custom_datasets_are_named_in_run_folders_and_results(data_root, tmp_pat
     for label in ("animals", "pets_v2"):  # default: the split file's folder; or data.name
         results = json.loads((tmp_path / "runs" / f"ZeroShot-{label}" / "version_0" / "results.json").read_text())
         assert results["dataset"] == label and results["model_name"] == "mmprompt-tiny"
-        assert results["pretrained"] is None and 0 <= results["metrics"]["test/all/acc"] <= 100
+        assert results["pretrained"] == "synthetic-world" and 0 <= results["metrics"]["test/all/acc"] <= 100
 
 
 def test_a_user_logger_adds_to_csv_and_tensorboard_and_config_stays_in_the_run_folder(data_root, tmp_path):

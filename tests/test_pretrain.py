@@ -4,6 +4,7 @@ weights that plain open_clip loads, and the bundled tag resolves to the packaged
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import open_clip
@@ -76,3 +77,17 @@ def test_bundled_tag_names_a_packaged_file_and_refuses_other_architectures():
     assert bundled_weights("mmprompt-tiny", None) is None and bundled_weights("mmprompt-tiny", "openai") is None
     with pytest.raises(ValueError, match=r"holds weights for model_name \['mmprompt-tiny'\], not 'mmprompt-tiny-wide'"):
         load_clip("mmprompt-tiny-wide", "synthetic-world")
+
+
+def test_the_recipe_as_shipped_lowers_the_loss_below_chance_in_forty_steps(tmp_path):
+    """The shipped recipe and its quick variant, cut to 2 epochs of 20 steps of 64 (the full recipe is a
+    documented command, not a test). Measured: 4.34 → 4.04 (mean of the first and last 3 logged)."""
+    out = tmp_path / "runs"
+    assert main(["pretrain", "--config", str(RECIPE), "--config", str(QUICK), "--out_dir", str(out),
+                 "--data.steps_per_epoch", "20", "--data.val_size", "64", "--trainer.max_epochs", "2",
+                 "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false"]) == 0
+    rows = csv.DictReader((out / "pretrain-mmprompt-tiny" / "version_0" / "metrics.csv").open())
+    losses = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
+    assert len(losses) == 20
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 0.2 and last < math.log(64), losses

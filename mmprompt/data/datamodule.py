@@ -22,7 +22,7 @@ from .distributed import per_device_batch, unrepeated_sampler, world_of
 from .fewshot import SUBSAMPLES, cache_path, check_shots, class_subset, load_fewshot, relabel
 from .protocol import ClassSet
 from .registry import DatasetSpec, ensemble_templates
-from .transforms import build_transform
+from .transforms import TRAIN_SCALE, build_transform, check_crop_scale
 
 SubsampleName = Literal["all", "base", "new"]
 
@@ -52,6 +52,7 @@ class FewShotDataModule(L.LightningDataModule):
         mean: tuple[float, float, float] = OPENAI_DATASET_MEAN,
         std: tuple[float, float, float] = OPENAI_DATASET_STD,
         with_masks: bool = True,
+        crop_scale: tuple[float, float] = TRAIN_SCALE,
         template: str | None = None,
         split_file: str | None = None,
         image_dir: str | None = None,
@@ -73,6 +74,8 @@ class FewShotDataModule(L.LightningDataModule):
             mean: Normalisation mean (CLIP's by default).
             std: Normalisation std (CLIP's by default).
             with_masks: Load foreground masks where the dataset has them (batch ``mask``/``has_mask``).
+            crop_scale: Area range of the training RandomResizedCrop; CoOp's (0.08, 1) suits large photos
+                of one object, small images with small objects need a larger lower bound.
             template: Override the dataset's zero-shot template (must contain ``{}``).
             split_file: ``custom`` only: JSON split ``{"train"|"val"|"test": [[path, label, classname], ...]}``.
             image_dir: ``custom`` only: folder the split paths are relative to (default: the split file's folder).
@@ -91,6 +94,7 @@ class FewShotDataModule(L.LightningDataModule):
                 raise ValueError(f"subsample / test_subsamples entries must be one of {SUBSAMPLES}; got {entry!r}")
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.image_size, self.mean, self.std, self.with_masks = image_size, tuple(mean), tuple(std), with_masks
+        self.crop_scale = check_crop_scale(crop_scale)
         self.datasets: dict[str, list[ItemDataset]] = {}
         #: the dataset's label in run names, results.json and reports
         self.name = name or dataset_label(dataset, split_file)
@@ -158,7 +162,7 @@ class FewShotDataModule(L.LightningDataModule):
     def make_dataset(self, items: list[Item], subsample: str, train: bool) -> ItemDataset:
         kept = class_subset(len(self.catalog.classnames), subsample)
         masks = self.spec.masks() if self.with_masks and self.spec.masks is not None else None
-        transform = build_transform(train, self.image_size, self.mean, self.std)
+        transform = build_transform(train, self.image_size, self.mean, self.std, self.crop_scale)
         where = f"dataset {self.spec.name} ({'training' if train else 'evaluation'} images)"
         require_files(self.spec.dataset_dir(self.root), items, where)
         return ItemDataset(self.spec.dataset_dir(self.root), relabel(items, kept), transform, masks, self.spec.name)

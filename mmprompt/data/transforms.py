@@ -48,15 +48,24 @@ def build_transform(
     image_size: int = 224,
     mean: Sequence[float] = OPENAI_DATASET_MEAN,
     std: Sequence[float] = OPENAI_DATASET_STD,
+    crop_scale: tuple[float, float] = TRAIN_SCALE,
 ) -> v2.Compose:
-    """Train: RandomResizedCrop(scale 0.08–1, bicubic) + horizontal flip; test: resize the shorter
-    side (bicubic) + center crop. Both end with CLIP normalisation (images only)."""
+    """Train: RandomResizedCrop(area ``crop_scale``, CoOp's 0.08–1 by default, bicubic) + horizontal flip;
+    test: resize the shorter side (bicubic) + center crop. Both end with CLIP normalisation (images only)."""
     if train:
-        geometry = [v2.RandomResizedCrop(image_size, scale=TRAIN_SCALE, interpolation=BICUBIC, antialias=True),
+        geometry = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=BICUBIC, antialias=True),
                     v2.RandomHorizontalFlip()]
     else:
         geometry = [v2.Resize(image_size, interpolation=BICUBIC, antialias=True), v2.CenterCrop(image_size)]
     return v2.Compose([*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+def check_crop_scale(crop_scale: Sequence[float]) -> tuple[float, float]:
+    """``data.crop_scale`` must be an area range ``(low, high)`` with ``0 < low <= high <= 1``."""
+    low, high = (float(value) for value in crop_scale)
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"data.crop_scale must be (low, high) with 0 < low <= high <= 1, got {tuple(crop_scale)}")
+    return low, high
 
 
 def transform_pair(

@@ -149,10 +149,11 @@ class WorldStyle:
     backgrounds: tuple[str, ...]
     colour_cast: tuple[float, float, float] = (1.0, 1.0, 1.0)
     hatched: bool = False  # objects filled with stripes of their colour and a darker shade
+    outline: float = 0.0  # > 0: only a band of this fraction of the radius is drawn (mask = the band)
 
 
 PRETRAIN_STYLE = WorldStyle(tuple(PRETRAIN_BACKGROUNDS))
-SHIFTED_STYLE = WorldStyle(SHIFTED_BACKGROUNDS, colour_cast=(1.1, 0.95, 0.75), hatched=True)
+SHIFTED_STYLE = WorldStyle(SHIFTED_BACKGROUNDS, colour_cast=(1.1, 0.95, 0.75), outline=0.75)
 
 
 def tilted(shape: str, rng: np.random.Generator) -> float:
@@ -181,7 +182,10 @@ def render_scene(rng: np.random.Generator, size: int, style: WorldStyle = PRETRA
         other_shape = SHAPES[int(rng.integers(len(SHAPES)))]
         cover = shape_mask(other_shape, *rng.uniform(dr, size - dr, 2), dr, tilted(other_shape, rng), size)[..., None]
         pixels = pixels * (1 - cover) + np.asarray(other, dtype=np.float32) * cover
-    coverage = shape_mask(shape, cx, cy, r, tilted(shape, rng), size)
+    angle = tilted(shape, rng)
+    coverage = shape_mask(shape, cx, cy, r, angle, size)
+    if style.outline:  # the shape minus a shrunken copy: a filled circle becomes a band, as a ring is
+        coverage = np.clip(coverage - shape_mask(shape, cx, cy, r * (1 - style.outline), angle, size), 0, 1)
     fill = np.broadcast_to(rgb * np.asarray(style.colour_cast, dtype=np.float32), (size, size, 3))
     if style.hatched:
         yy, xx = np.mgrid[0:size, 0:size]
