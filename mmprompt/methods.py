@@ -139,15 +139,8 @@ def methods() -> tuple[MethodInfo, ...]:
 
 
 def method_names() -> list[str]:
+    """The registered names in table order (the ``--methods`` values of the shipped configs)."""
     return [info.name for info in methods()]
-
-
-def get_method(name: str) -> MethodInfo:
-    """The method registered as ``name``; the error lists the registered names."""
-    for info in methods():
-        if info.name == name:
-            return info
-    raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(method_names())}")
 
 
 def label_of(name: str) -> str:

@@ -266,8 +266,10 @@ def method_order(method: str) -> tuple[int, str]:
 
 
 def dataset_order(dataset: str) -> tuple[int, str]:
-    known = KNOWN_DATASETS
-    return (known.index(dataset), "") if dataset in known else (len(known), dataset)
+    """The registry's (the papers') order, then other datasets (custom ones) by name."""
+    if dataset in KNOWN_DATASETS:
+        return KNOWN_DATASETS.index(dataset), ""
+    return len(KNOWN_DATASETS), dataset
 
 
 def coverage_note(method: str, datasets: Iterable[str]) -> str | None:

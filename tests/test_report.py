@@ -269,3 +269,18 @@ def test_two_named_custom_datasets_are_two_rows(tmp_path):
     records = read_csv(run_report(tmp_path) / "base2new_base2new.csv")
     assert float(row(records, source="ours", dataset="animals")["base_mean"]) == 80.0
     assert float(row(records, source="ours", dataset="plants")["base_mean"]) == 70.0
+
+
+def test_the_one_table_writer_keeps_columns_cells_and_files(tmp_path):
+    """`mmprompt.tables` writes every table: report, analysis and predictions share it."""
+    from mmprompt.tables import csv_text, markdown_table, write_json_atomic, write_table
+
+    records = [{"layer": 0, "ratio": 0.123456, "mode": "a|b"}, {"layer": 1, "extra": None}]
+    assert csv_text(records) == "layer,ratio,mode,extra\r\n0,0.123456,a|b,\r\n1,,,\r\n"
+    assert markdown_table(records) == ("| layer | ratio | mode | extra |\n|---|---|---|---|\n"
+                                       "| 0 | 0.1235 | a\\|b |  |\n| 1 |  |  |  |\n")
+    csv_path, md_path = write_table(records, tmp_path / "deep" / "stats")
+    assert csv_path.read_bytes().decode() == csv_text(records) and md_path.read_text() == markdown_table(records)
+    write_json_atomic(tmp_path / "r.json", {"a": [1, 2]}, indent=1)
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": [1, 2]}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["deep", "r.json", "stats.csv", "stats.md"]  # no temporaries
