@@ -21,7 +21,6 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from .checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from .commands import TOOLS, answer_without_imports
-from .data.catalog import write_json_atomic
 from .data.datamodule import FewShotDataModule
 from .files import UnreadableFile
 from .guards import (checkpoint_model_options, check_config_files, error_text, init_defaults, is_global_rank_zero,
@@ -29,10 +28,11 @@ from .guards import (checkpoint_model_options, check_config_files, error_text, i
 from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
 from .module import PromptCLIPModule
 from .predictions import PredictionWriter
-from .report import RESULTS_FILE
+from .results import RESULTS_FILE
 from .run_config import absolute_path_options, with_checkpoint_config
 from .run_logs import KeepEarlierRowsCSVLogger
 from .shipped import with_shipped_configs
+from .tables import write_json_atomic
 
 RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it launches inherit it
 # cli_main always passes the (rewritten) command line as ``args``: Lightning's warning about that is noise

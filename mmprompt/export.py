@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .encoders import Injection
+from .tables import write_json_atomic
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,7 +46,7 @@ def export_adapter(module: Any, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {key[len(ADAPTER_PREFIX):]: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS))
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(module.describe(), indent=2) + "\n")
+    write_json_atomic(out_dir / ADAPTER_CONFIG, module.describe(), indent=2)
     return [out_dir / ADAPTER_WEIGHTS, out_dir / ADAPTER_CONFIG]
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from .report import RESULTS_FILE
+from .results import RESULTS_FILE
 
 log = logging.getLogger(__name__)
 

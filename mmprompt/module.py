@@ -21,9 +21,9 @@ from . import __version__
 from .adapters.base import Adapter, BuildContext
 from .attention import AttendFn, fused_attention, softmax_attention
 from .backbone import BackboneSpec, freeze, get_tokenizer, load_clip, shape_mismatches, shapes_of
-from .data.protocol import ClassSet, ProvidesClassSets
+from .classes import ClassSet, ProvidesClassSets
 from .encoders import TokenizedPrompts, encode_image, encode_text, tokenize_prompts
-from .report import harmonic_mean
+from .results import harmonic_mean
 from .schedule import warmup_cosine_factor
 
 log = logging.getLogger(__name__)

@@ -8,14 +8,14 @@ calls), de-duplicated by image index (a padding sampler repeats a few) and writt
 
 from __future__ import annotations
 
-import csv
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
 import torch
 from torch import Tensor
+
+from .tables import write_csv
 
 PREDICTIONS_PATTERN = "predictions_{name}.csv"
 Row = dict[str, Any]
@@ -50,12 +50,7 @@ def gather_rows(rows: list[Row]) -> list[Row]:
 
 def write_rows(path: Path, rows: list[Row]) -> None:
     """CSV written next to the target and renamed, so a reader never sees half a file."""
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["index", "path"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(partial, path)
+    write_csv(path, rows, None if rows else ["index", "path"])
 
 
 class PredictionWriter(L.Callback):

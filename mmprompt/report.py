@@ -19,13 +19,15 @@ Nothing is skipped silently: an unreadable or incomplete ``results.json`` stops 
 message naming every bad file, or, with ``--skip_invalid``, is listed as a warning on stderr and in
 the Markdown.
 
-Kept free of torch/Lightning imports so ``mmprompt report`` starts instantly.
+Method labels and their order come from the method registry (`mmprompt.methods`), dataset keys,
+aliases and the 11 datasets from the dataset registry (`mmprompt.data.registry`): this module only
+consumes them. Kept free of torch/Lightning imports so ``mmprompt report`` starts instantly
+(``tests/test_layering.py`` checks it).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -36,41 +38,19 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .data.protocol import normalise_name  # torch-free: the data package imports lazily
-
-RESULTS_FILE = "results.json"
-SOURCE_DATASET = "imagenet"
-TRANSFER_PROTOCOL_PREFIXES = ("cross_dataset", "domain_generalization")
-
-#: config stem -> adapter class name (the ``method`` field of results.json), in table order
-METHOD_LABELS: dict[str, str] = {
-    "zero_shot": "ZeroShot", "coop": "CoOp", "cocoop": "CoCoOp", "vpt_deep": "VPTDeep", "text_deep": "TextDeep",
-    "ivlp": "IVLP", "maple": "MaPLe", "bias": "BiasTuning", "coupled_bias": "CoupledBiasTuning",
-}
-#: the 11 CoOp datasets (config stems) in the papers' column order
-STANDARD_DATASETS: tuple[str, ...] = (
-    "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
-    "sun397", "dtd", "eurosat", "ucf101",
+from .data.registry import (
+    BASE2NEW, CROSS_DATASET, DOMAIN_GENERALIZATION, dataset_key, protocol_datasets, specs, transfer_source,
 )
-DG_TARGETS: tuple[str, ...] = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-#: registry spellings that differ from the config stem once normalised
-DATASET_ALIASES: dict[str, str] = {
-    "pets": "oxford_pets", "cars": "stanford_cars", "flowers": "oxford_flowers", "flowers102": "oxford_flowers",
-    "aircraft": "fgvc_aircraft", "describabletextures": "dtd", "imagenetadversarial": "imagenet_a",
-    "imagenetrendition": "imagenet_r",
-}
+from .methods import methods
+from .results import RESULTS_FILE, harmonic_mean
+from .tables import markdown_grid, write_csv as write_records_csv, write_markdown
 
-
-_DATASET_KEYS = {normalise_name(d): d for d in STANDARD_DATASETS + DG_TARGETS} | DATASET_ALIASES
-
-
-def canonical_dataset(name: str) -> str:
-    """The config stem of a dataset name as the CLI may have written it (``EuroSAT`` -> ``eurosat``)."""
-    return _DATASET_KEYS.get(normalise_name(name), name)
-
-
-def harmonic_mean(base: float, new: float) -> float:
-    """HM = 2·B·N / (B + N), the base-to-novel summary (the module logs test/hm with this too)."""
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+SOURCE_DATASET = transfer_source()
+TRANSFER_PROTOCOL_PREFIXES = (CROSS_DATASET, DOMAIN_GENERALIZATION)
+#: the 11 CoOp datasets (keys = config stems) in the papers' column order
+STANDARD_DATASETS: tuple[str, ...] = protocol_datasets(BASE2NEW)
+#: datasets of a standard protocol, in the registry's (the papers') order; others sort after them by name
+KNOWN_DATASETS: tuple[str, ...] = tuple(spec.key for spec in specs() if spec.protocols or spec.transfer_source)
 
 
 # -- published references (SPEC §7: ViT-B/16, 16 shots, base-to-novel) --------------------------------
@@ -184,7 +164,7 @@ def load_result(path: Path) -> RunResult:
             path=Path(path),
             protocol=_field(data, "protocol", str),
             method=_field(data, "method", str),
-            dataset=canonical_dataset(_field(data, "dataset", str)),
+            dataset=dataset_key(_field(data, "dataset", str)),
             seed=_field(data, "seed", int),
             shots=_field(data, "shots", int, optional=True),
             metrics=_accuracies(_field(data, "metrics", dict)),
@@ -278,15 +258,18 @@ class Table:
 
 
 def method_order(method: str) -> tuple[int, str]:
-    """Zero-shot and the published methods first, bias tuning last, unknown methods alphabetically."""
-    order = [normalise_name(label) for label in METHOD_LABELS.values()]
+    """The registry's order (zero-shot and the published methods first, bias tuning last), then
+    unregistered methods alphabetically."""
+    order = [normalise_name(info.label) for info in methods()]
     key = normalise_name(method)
     return (order.index(key), "") if key in order else (len(order), key)
 
 
 def dataset_order(dataset: str) -> tuple[int, str]:
-    known = STANDARD_DATASETS + DG_TARGETS
-    return (known.index(dataset), "") if dataset in known else (len(known), dataset)
+    """The registry's (the papers') order, then other datasets (custom ones) by name."""
+    if dataset in KNOWN_DATASETS:
+        return KNOWN_DATASETS.index(dataset), ""
+    return len(KNOWN_DATASETS), dataset
 
 
 def coverage_note(method: str, datasets: Iterable[str]) -> str | None:
@@ -476,15 +459,9 @@ def build_tables(runs: Sequence[RunResult], ddof: int = 1) -> list[Table]:
 
 # -- output --------------------------------------------------------------------------------------------
 
-def escape_cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
 def table_markdown(table: Table) -> str:
-    lines = [f"## {table.title}", "", "| " + " | ".join(table.header) + " |",
-             "|" + "|".join("---" for _ in table.header) + "|"]
-    lines += ["| " + " | ".join(map(escape_cell, row)) + " |" for row in table.rows]
-    lines += [""] + [f"- {note}" for note in table.notes]
+    lines = [f"## {table.title}", "", markdown_grid(table.header, table.rows)]
+    lines += [f"- {note}" for note in table.notes]
     return "\n".join(lines) + "\n"
 
 
@@ -498,10 +475,8 @@ def render_markdown(tables: Sequence[Table], problems: Sequence[str], std_label:
 
 def write_csv(table: Table, path: Path) -> None:
     columns = list(dict.fromkeys(k for record in table.records for k in record))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["protocol", "backbone", *columns], restval="")
-        writer.writeheader()
-        writer.writerows({"protocol": table.protocol, "backbone": table.backbone, **record} for record in table.records)
+    records = [{"protocol": table.protocol, "backbone": table.backbone, **record} for record in table.records]
+    write_records_csv(path, records, ["protocol", "backbone", *columns])
 
 
 def write_report(tables: Sequence[Table], markdown: str, out: Path, fmt: str) -> list[Path]:
@@ -512,7 +487,7 @@ def write_report(tables: Sequence[Table], markdown: str, out: Path, fmt: str) ->
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if fmt in ("markdown", "both"):
-        (out / "report.md").write_text(markdown)
+        write_markdown(out / "report.md", markdown)
         written.append(out / "report.md")
     if fmt in ("csv", "both"):
         shared = Counter((table.protocol, table.kind) for table in tables)

@@ -37,16 +37,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import report
-from .report import DG_TARGETS, METHOD_LABELS, RESULTS_FILE, SOURCE_DATASET, STANDARD_DATASETS
+from .data.registry import BASE2NEW, PROTOCOLS, protocol_datasets, transfer_source
+from .methods import label_of, method_names
+from .results import RESULTS_FILE
 from .shipped import default_configs_dir
 
-#: default datasets (targets, for transfer protocols) and shots per protocol
-PROTOCOL_DATASETS: dict[str, tuple[str, ...]] = {
-    "base2new": STANDARD_DATASETS,
-    "fewshot": STANDARD_DATASETS,
-    "cross_dataset": tuple(d for d in STANDARD_DATASETS if d != SOURCE_DATASET),
-    "domain_generalization": DG_TARGETS,
-}
+SOURCE_DATASET = transfer_source()
+#: default datasets (targets, for transfer protocols) per protocol: the dataset specs' membership
+PROTOCOL_DATASETS: dict[str, tuple[str, ...]] = {protocol: protocol_datasets(protocol) for protocol in PROTOCOLS}
 PROTOCOL_SHOTS: dict[str, tuple[int, ...]] = {"fewshot": (1, 2, 4, 8, 16)}
 DEFAULT_SHOTS = (16,)
 DEFAULT_SEEDS = (1, 2, 3)
@@ -117,8 +115,9 @@ class PlannedRun:
 
 
 def method_label(method: str) -> str:
-    """Adapter class name used in run names (``maple`` -> ``MaPLe``), as the CLI's default name."""
-    return METHOD_LABELS.get(method, method)
+    """Adapter class name used in run names (``maple`` -> ``MaPLe``), as the CLI's default name; a
+    method the registry doesn't know keeps its config stem."""
+    return label_of(method)
 
 
 def make_run(config: SweepConfig, method: str, dataset: str, seed: int, shots: int,
@@ -316,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0])
     parser.add_argument("--protocol", required=True, help="configs/protocols/<protocol>.yaml (base2new, fewshot, "
                         "cross_dataset, domain_generalization or your own)")
-    parser.add_argument("--methods", nargs="+", required=True, help="configs/methods/<method>.yaml stems, e.g. maple bias")
+    parser.add_argument("--methods", nargs="+", required=True,
+                        help=f"configs/methods/<method>.yaml stems: {', '.join(method_names())} or your own")
     parser.add_argument("--datasets", nargs="+", help="dataset config stems (targets for transfer protocols); "
                         "default: the protocol's standard list")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
@@ -343,7 +343,7 @@ def parse_config(argv: Sequence[str]) -> tuple[SweepConfig, argparse.Namespace]:
     label = args.label or args.protocol
     config = SweepConfig(
         protocol=args.protocol, methods=tuple(args.methods),
-        datasets=tuple(args.datasets or PROTOCOL_DATASETS.get(args.protocol, STANDARD_DATASETS)),
+        datasets=tuple(args.datasets or PROTOCOL_DATASETS.get(args.protocol, PROTOCOL_DATASETS[BASE2NEW])),
         seeds=tuple(args.seeds), shots=tuple(args.shots or PROTOCOL_SHOTS.get(args.protocol, DEFAULT_SHOTS)),
         out_dir=args.out_dir or Path("runs") / label, configs=args.configs, label=args.label, source=args.source,
         extra=tuple(extra))

@@ -11,10 +11,11 @@ from data_fakes import FAKES, make_fake
 from mmprompt.checkpoint_io import AtomicCheckpointIO
 from mmprompt.cli import cli_main, main
 from mmprompt.data import FewShotDataModule, get_spec
+from mmprompt.methods import methods
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-METHODS = sorted((CONFIGS / "methods").glob("*.yaml"))
+METHODS = [CONFIGS / info.config for info in methods()]  # = configs/methods/*.yaml (tests/test_registries.py)
 DATASETS = sorted((CONFIGS / "datasets").glob("*.yaml"))
 PROTOCOLS = sorted((CONFIGS / "protocols").glob("*.yaml"))
 TINY = str(CONFIGS / "tiny.yaml")

@@ -122,6 +122,28 @@ def test_dataset_spellings_are_one_dataset(tmp_path):
     assert record["seeds"] == "1,2" and float(record["base_mean"]) == pytest.approx(82.0)
 
 
+def test_registry_aliases_are_one_dataset_in_the_papers_order(tmp_path):
+    """Names come from the dataset registry: aliases and spellings map to its key, in its order."""
+    for seed, name in enumerate(("pets", "OxfordPets", "oxford-pets"), start=1):
+        write_result(tmp_path / "runs", "fewshot", "CoOp", name, seed, {"test/all/acc": 60 + 2 * seed})
+    for name in ("DescribableTextures", "ImageNet", "imagenet-adversarial", "animals"):
+        write_result(tmp_path / "runs", "fewshot", "CoOp", name, 1, {"test/all/acc": 50})
+    out = run_report(tmp_path)
+    records = read_csv(out / "fewshot_fewshot.csv")
+    assert [r["dataset"] for r in records if r["dataset"] != "average"] == [
+        "imagenet", "oxford_pets", "dtd", "imagenet_a", "animals"]  # papers' order, then unknown names
+    assert float(row(records, dataset="oxford_pets")["acc_mean"]) == pytest.approx(64.0)  # 62, 64, 66
+    assert row(records, dataset="oxford_pets")["n"] == "3"
+
+
+def test_methods_are_ordered_by_the_registry(tmp_path):
+    for method in ("NewMethod", "CoupledBiasTuning", "MaPLe", "ZeroShot", "CoOp"):
+        write_result(tmp_path / "runs", "base2new", method, "dtd", 1, base_new(80, 60))
+    markdown = (run_report(tmp_path) / "report.md").read_text()
+    rows = [line.split(" | ")[0][2:] for line in markdown.splitlines() if line.startswith("| ") and "| dtd |" in line]
+    assert rows == ["ZeroShot", "CoOp", "MaPLe", "CoupledBiasTuning", "NewMethod"]
+
+
 def test_fewshot_table_columns_per_shots_and_average(tmp_path):
     for seed, acc in ((1, 60), (2, 64)):
         write_result(tmp_path / "runs", "fewshot", "CoOp", "dtd", seed, {"test/all/acc": acc}, shots=1)
@@ -247,3 +269,18 @@ def test_two_named_custom_datasets_are_two_rows(tmp_path):
     records = read_csv(run_report(tmp_path) / "base2new_base2new.csv")
     assert float(row(records, source="ours", dataset="animals")["base_mean"]) == 80.0
     assert float(row(records, source="ours", dataset="plants")["base_mean"]) == 70.0
+
+
+def test_the_one_table_writer_keeps_columns_cells_and_files(tmp_path):
+    """`mmprompt.tables` writes every table: report, analysis and predictions share it."""
+    from mmprompt.tables import csv_text, markdown_table, write_json_atomic, write_table
+
+    records = [{"layer": 0, "ratio": 0.123456, "mode": "a|b"}, {"layer": 1, "extra": None}]
+    assert csv_text(records) == "layer,ratio,mode,extra\r\n0,0.123456,a|b,\r\n1,,,\r\n"
+    assert markdown_table(records) == ("| layer | ratio | mode | extra |\n|---|---|---|---|\n"
+                                       "| 0 | 0.1235 | a\\|b |  |\n| 1 |  |  |  |\n")
+    csv_path, md_path = write_table(records, tmp_path / "deep" / "stats")
+    assert csv_path.read_bytes().decode() == csv_text(records) and md_path.read_text() == markdown_table(records)
+    write_json_atomic(tmp_path / "r.json", {"a": [1, 2]}, indent=1)
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": [1, 2]}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["deep", "r.json", "stats.csv", "stats.md"]  # no temporaries

@@ -1,17 +1,26 @@
-"""Adapters, one file per method; YAML picks one with ``class_path: mmprompt.adapters.<Name>``."""
+"""Adapters, one file per method; YAML picks one with ``class_path: mmprompt.adapters.<Name>``.
 
+Every module of this package is imported here, and each class registered with
+`mmprompt.methods.register_method` is exported under its class name: a new method is one file
+(plus its config under ``configs/methods/``) and no edit here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from ..methods import registered
 from .base import Adapter, BuildContext
-from .bias import BiasTuning
-from .cocoop import CoCoOp
-from .coop import CoOp
-from .coupled_bias import CoupledBiasTuning
-from .ivlp import IVLP
-from .maple import MaPLe
-from .text_deep import TextDeep
-from .vpt import VPTDeep
-from .zero_shot import ZeroShot
 
-__all__ = [
-    "Adapter", "BuildContext", "BiasTuning", "CoCoOp", "CoOp", "CoupledBiasTuning", "IVLP", "MaPLe", "TextDeep",
-    "VPTDeep", "ZeroShot",
-]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+#: every registered adapter class of this package, by class name (``MaPLe``, ``CoOp``, ...)
+METHOD_CLASSES: dict[str, type[Adapter]] = {
+    info.label: getattr(importlib.import_module(info.class_path.rsplit(".", 1)[0]), info.label)
+    for info in registered() if info.class_path.startswith(f"{__name__}.")
+}
+globals().update(METHOD_CLASSES)
+
+__all__ = ["Adapter", "BuildContext", *sorted(METHOD_CLASSES)]

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 from torch import Tensor, nn
 
 from ..backbone import BackboneSpec
-from ..data.protocol import ClassSet
+from ..classes import ClassSet
 from ..encoders import Injection
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..encoders import Injection
+from ..methods import register_method
 from .base import Adapter, BuildContext, select_layers
 
 Branches = Literal["both", "text", "vision"]
@@ -31,6 +32,7 @@ def bias_injection(layers: list[int], biases: dict[str, Tensor]) -> Injection:
     return Injection(attn_bias=tables.get("attn", {}), mlp_bias=tables.get("mlp", {}))
 
 
+@register_method("bias", order=70)
 class BiasTuning(Adapter):
     """Independent bias tuning.
 

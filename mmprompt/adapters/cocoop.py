@@ -7,10 +7,12 @@ from collections import OrderedDict
 from torch import Tensor, nn
 
 from ..encoders import Injection
+from ..methods import register_method
 from .base import BuildContext
 from .components import TextPromptAdapter
 
 
+@register_method("cocoop", order=20)
 class CoCoOp(TextPromptAdapter):
     """CoCoOp: context_i = context + meta_net(image_feature_i).
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..data.protocol import ClassSet
+from ..classes import ClassSet
 from ..encoders import Injection
 from .base import Adapter, BuildContext, check_depth
 

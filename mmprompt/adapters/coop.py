@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from ..methods import register_method
 from .components import TextPromptAdapter
 
 
+@register_method("coop", order=10)
 class CoOp(TextPromptAdapter):
     """CoOp.
 

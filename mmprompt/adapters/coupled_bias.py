@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from ..encoders import Injection
+from ..methods import register_method
 from .base import Adapter, BuildContext, select_layers
 from .bias import Placement, bias_injection, places_of
 from .components import text_to_vision_projections
 
 
+@register_method("coupled_bias", order=80)
 class CoupledBiasTuning(Adapter):
     """Coupled bias tuning.
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from ..encoders import Injection
+from ..methods import register_method
 from .base import BuildContext
 from .components import TextPromptAdapter, VisionPromptStack
 
 
+@register_method("ivlp", order=50)
 class IVLP(TextPromptAdapter):
     """Independent vision-language prompting.
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from ..encoders import Injection
+from ..methods import register_method
 from .base import BuildContext, check_depth
 from .components import TextPromptAdapter, text_to_vision_projections
 
 
+@register_method("maple", order=60)
 class MaPLe(TextPromptAdapter):
     """Multi-modal prompt learning.
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from ..methods import register_method
 from .components import TextPromptAdapter
 
 
+@register_method("text_deep", order=40)
 class TextDeep(TextPromptAdapter):
     """Text-only deep prompting (the language branch of IVLP).
 

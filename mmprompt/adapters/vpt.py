@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from ..encoders import Injection
+from ..methods import register_method
 from .base import Adapter, BuildContext
 from .components import VisionPromptStack
 
 
+@register_method("vpt_deep", order=30)
 class VPTDeep(Adapter):
     """VPT-deep.
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from ..data.protocol import ClassSet
+from ..classes import ClassSet
+from ..methods import register_method
 from .base import Adapter
 
 
+@register_method("zero_shot", order=0)
 class ZeroShot(Adapter):
     """Zero-shot CLIP.
 

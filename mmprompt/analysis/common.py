@@ -3,7 +3,6 @@ sums, output folders and tables."""
 
 from __future__ import annotations
 
-import csv
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
@@ -13,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ..attention import AttendFn, Tower
+from ..tables import markdown_table, write_table  # re-exported: the analyses write their tables through these
 
 Branch = Literal["text", "vision", "both"]
 LayerSpec = str | int | Sequence[int] | None
@@ -115,33 +115,6 @@ def fresh_loader(loader):
         return loader
     return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn,
                       num_workers=loader.num_workers)
-
-
-def format_cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "" if value is None else str(value)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """A GitHub Markdown table of ``rows`` (columns: the union of keys, in first-seen order)."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(format_cell(row.get(column)) for column in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_table(rows: list[dict], stem: Path) -> tuple[Path, Path]:
-    """``rows`` as ``<stem>.csv`` and ``<stem>.md``; returns both paths."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
-    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    md_path.write_text(markdown_table(rows), encoding="utf-8")
-    return csv_path, md_path
 
 
 def batch_to(batch: dict, device: torch.device) -> dict:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..attention import AttentionSite, fused_attention
 from ..data.masks import mask_to_patch_grid
+from ..tables import write_json_atomic
 from .common import ReduceFn, as_loader_list, first_items, markdown_table, run_folder, trainer_sum, write_table
 from .decomposition import Decomposition, decompose_scores, row_scores
 
@@ -279,7 +280,7 @@ class AttentionStatistics(L.Callback):
         """CSV, JSON and plot of ``self.summary``; print the summary table."""
         from .plots import plot_layer_curves
 
-        (folder / f"{prefix}attention_stats.json").write_text(json.dumps(self.summary, indent=1), encoding="utf-8")
+        write_json_atomic(folder / f"{prefix}attention_stats.json", self.summary, indent=1)
         write_table(layer_rows(self.summary), folder / f"{prefix}attention_stats")
         reference = load_summary(self.reference) if self.reference else None
         plot_layer_curves(self.summary, folder / f"{prefix}attention_stats.png", reference)

@@ -18,7 +18,8 @@ from typing import Any, Iterable, NamedTuple
 import numpy as np
 from PIL import Image
 
-from ..files import UnreadableFile, write_text_atomic
+from ..files import UnreadableFile
+from ..tables import write_json_atomic  # the one JSON writer; fewshot, custom and synthetic import it from here
 
 SPLITS = ("train", "val", "test")
 
@@ -116,12 +117,6 @@ def read_json(path: Path, what: str, layout: str = "") -> Any:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
-
-
-def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
-    """Write JSON atomically (see `mmprompt.files.write_text_atomic`): other ranks see either nothing
-    or the whole file, and the file honours the umask."""
-    write_text_atomic(path, json.dumps(data, indent=indent))
 
 
 #: Pillow's 16-bit integer modes (a 16-bit grayscale PNG opens as "I;16")

@@ -1,28 +1,24 @@
-"""Name → dataset spec (folder, parser, template, mask source), timm-style.
+"""Name → dataset spec (folder, parser, template, mask source, protocols), timm-style.
 
 Names are matched case-insensitively ignoring "-", "_" and spaces, so ``oxford_pets``,
 ``OxfordPets`` and ``oxford-pets`` are the same dataset. Unknown names list the valid ones.
+
+The registry is the single source of what a dataset is: its names and aliases, its ``key`` (the
+config stem ``configs/datasets/<key>.yaml`` and its name in sweeps and reports) and the protocols
+whose standard dataset list holds it. `protocol_datasets` and `transfer_source` give ``mmprompt
+sweep`` its defaults and ``mmprompt report`` its column order. Reading the registry imports no
+torch (mask readers are imported when a mask source is built), so the report starts instantly.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from .catalog import Catalog
 from .protocol import normalise_name
-from .masks import (
-    AircraftBoxes,
-    CaltechContours,
-    CarsBoxes,
-    FlowersSegmentations,
-    ImageNetValBoxes,
-    MaskSource,
-    ParallelMaskFolder,
-    PetsTrimaps,
-)
 from .parsers import (
     parse_fgvc_aircraft,
     parse_imagenet,
@@ -30,6 +26,16 @@ from .parsers import (
     parse_imagenet_wnid_folders,
     parse_zhou_split,
 )
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
+    from .masks import MaskSource
+
+#: the protocols a dataset can belong to (``DatasetSpec.protocols``); for the transfer protocols the
+#: members are the target datasets, the source is the dataset with ``transfer_source=True``
+BASE2NEW, FEWSHOT, CROSS_DATASET, DOMAIN_GENERALIZATION = "base2new", "fewshot", "cross_dataset", "domain_generalization"
+PROTOCOLS = (BASE2NEW, FEWSHOT, CROSS_DATASET, DOMAIN_GENERALIZATION)
+COOP_PROTOCOLS = (BASE2NEW, FEWSHOT, CROSS_DATASET)  # the 11 CoOp datasets, ImageNet being the source
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
@@ -64,6 +70,9 @@ class DatasetSpec:
     ``folder`` is under the data root, ``image_dir`` under ``folder``; ``parser`` turns the dataset
     folder into a `Catalog`; ``masks`` builds the dataset's `MaskSource` (None: no masks);
     ``renames`` are CoOp's class renames; ``generate`` builds the tree if absent (synthetic data).
+    ``key`` is the config stem and the name sweeps and reports use (default: the lower-cased name
+    with "_" for "-"); ``protocols`` the standard dataset lists holding it (targets, for transfer
+    protocols); ``transfer_source`` marks the dataset the transfer protocols train on.
     """
 
     name: str
@@ -81,6 +90,16 @@ class DatasetSpec:
     aliases: tuple[str, ...] = ()
     cache_dir: str = ""
     cache_prefix: str = ""
+    key: str = ""
+    protocols: tuple[str, ...] = ()
+    transfer_source: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", self.name.lower().replace("-", "_"))
+        unknown = set(self.protocols) - set(PROTOCOLS)
+        if unknown:
+            raise ValueError(f"dataset {self.name!r}: unknown protocols {sorted(unknown)}; expected some of {PROTOCOLS}")
 
     def dataset_dir(self, root: str | Path) -> Path:
         return Path(root) / self.folder
@@ -112,10 +131,29 @@ IMAGENET_LAYOUT = (
 )
 
 
-def variant(name: str, folder: str, image_dir: str, parser, layout_dirs: str, aliases: tuple[str, ...]) -> DatasetSpec:
-    """A test-only ImageNet variant (its own or imagenet's classnames.txt)."""
+def variant(name: str, folder: str, image_dir: str, parser, layout_dirs: str, aliases: tuple[str, ...],
+            key: str) -> DatasetSpec:
+    """A test-only ImageNet variant (its own or imagenet's classnames.txt), a domain-generalisation target."""
     layout = f"<root>/{folder}/\n  classnames.txt   (or <root>/imagenet/classnames.txt)\n  {image_dir}/{layout_dirs}\n"
-    return DatasetSpec(name, folder, image_dir, parser, layout, test_only=True, aliases=aliases)
+    return DatasetSpec(name, folder, image_dir, parser, layout, test_only=True, aliases=aliases, key=key,
+                       protocols=(DOMAIN_GENERALIZATION,))
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """``mmprompt.data.<module>.<name>(...)``, imported on the first call: the mask readers import
+    torch, and reading the registry (report, sweep, docs) must not."""
+
+    module: str
+    name: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f"{__package__}.{self.module}"), self.name)(*args, **kwargs)
+
+
+def mask_reader(name: str) -> Deferred:
+    """The mask source class ``mmprompt.data.masks.<name>``, imported when a dataset builds its masks."""
+    return Deferred("masks", name)
 
 
 def _synthetic_specs() -> list[DatasetSpec]:
@@ -130,6 +168,8 @@ def _synthetic_specs() -> list[DatasetSpec]:
 
 
 def _synthetic_masks() -> MaskSource:
+    from .masks import ParallelMaskFolder
+
     return ParallelMaskFolder("masks", "images", required=True)
 
 
@@ -137,9 +177,34 @@ REGISTRY: dict[str, DatasetSpec] = {}
 
 
 def register(spec: DatasetSpec) -> DatasetSpec:
-    for key in (spec.name, *spec.aliases):
+    for key in (spec.name, spec.key, *spec.aliases):
         REGISTRY[normalise_name(key)] = spec
     return spec
+
+
+def specs() -> list[DatasetSpec]:
+    """Every registered dataset once, in registration order (the papers' column order)."""
+    return list({id(spec): spec for spec in REGISTRY.values()}.values())
+
+
+def protocol_datasets(protocol: str) -> tuple[str, ...]:
+    """The keys of the datasets in ``protocol``'s standard list (targets, for transfer protocols)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; datasets are listed for: {', '.join(PROTOCOLS)}")
+    return tuple(spec.key for spec in specs() if protocol in spec.protocols)
+
+
+def transfer_source() -> str:
+    """The key of the dataset the transfer protocols (cross-dataset, domain generalisation) train on."""
+    (source,) = [spec.key for spec in specs() if spec.transfer_source]
+    return source
+
+
+def dataset_key(name: str) -> str:
+    """The key of a registered dataset as any of its names spells it (``EuroSAT`` -> ``eurosat``,
+    ``pets`` -> ``oxford_pets``); any other name (a custom dataset's label) as it is."""
+    spec = REGISTRY.get(normalise_name(name))
+    return spec.key if spec is not None else name
 
 
 def canonical_names() -> list[str]:
@@ -154,34 +219,42 @@ def get_spec(name: str) -> DatasetSpec:
     return spec
 
 
+# In the papers' column order: the 11 CoOp datasets (ImageNet first), then the ImageNet variants.
 for _spec in [
-    zhou("Caltech101", "caltech-101", "101_ObjectCategories", masks=CaltechContours, renames=CALTECH_NAMES,
-         extra_layout="  Annotations/<class>/annotation_XXXX.mat   (optional contours)\n", aliases=("caltech-101",)),
-    zhou("OxfordPets", "oxford_pets", "images", "a photo of a {}, a type of pet.", masks=PetsTrimaps,
-         extra_layout="  annotations/trimaps/<stem>.png   (optional trimaps)\n", aliases=("pets",)),
-    zhou("StanfordCars", "stanford_cars", "", paths_relative_to_dataset=True, masks=CarsBoxes,
+    DatasetSpec("ImageNet", "imagenet", "images", parse_imagenet, IMAGENET_LAYOUT, masks=mask_reader("ImageNetValBoxes"),
+                protocols=(BASE2NEW, FEWSHOT), transfer_source=True),
+    zhou("Caltech101", "caltech-101", "101_ObjectCategories", masks=mask_reader("CaltechContours"),
+         renames=CALTECH_NAMES, extra_layout="  Annotations/<class>/annotation_XXXX.mat   (optional contours)\n",
+         aliases=("caltech-101",), protocols=COOP_PROTOCOLS),
+    zhou("OxfordPets", "oxford_pets", "images", "a photo of a {}, a type of pet.", masks=mask_reader("PetsTrimaps"),
+         extra_layout="  annotations/trimaps/<stem>.png   (optional trimaps)\n", aliases=("pets",), key="oxford_pets",
+         protocols=COOP_PROTOCOLS),
+    zhou("StanfordCars", "stanford_cars", "", paths_relative_to_dataset=True, masks=mask_reader("CarsBoxes"),
          extra_layout="  cars_train/ cars_test/   (split paths are relative to the dataset folder)\n"
                       "  devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat   (optional boxes)\n",
-         aliases=("cars",)),
-    zhou("OxfordFlowers", "oxford_flowers", "jpg", "a photo of a {}, a type of flower.", masks=FlowersSegmentations,
-         extra_layout="  segmim/segmim_XXXXX.jpg   (optional segmentations)\n", aliases=("flowers102", "flowers")),
-    zhou("Food101", "food-101", "images", "a photo of {}, a type of food."),
+         aliases=("cars",), key="stanford_cars", protocols=COOP_PROTOCOLS),
+    zhou("OxfordFlowers", "oxford_flowers", "jpg", "a photo of a {}, a type of flower.",
+         masks=mask_reader("FlowersSegmentations"), extra_layout="  segmim/segmim_XXXXX.jpg   (optional segmentations)\n",
+         aliases=("flowers102", "flowers"), key="oxford_flowers", protocols=COOP_PROTOCOLS),
+    zhou("Food101", "food-101", "images", "a photo of {}, a type of food.", protocols=COOP_PROTOCOLS),
     DatasetSpec("FGVCAircraft", "fgvc_aircraft", "images", parse_fgvc_aircraft,
                 "<root>/fgvc_aircraft/\n  images/<id>.jpg\n  variants.txt\n  images_variant_{train,val,test}.txt\n"
                 "  images_box.txt   (optional boxes)\n",
-                "a photo of a {}, a type of aircraft.", masks=AircraftBoxes, aliases=("aircraft",)),
-    zhou("SUN397", "sun397", "SUN397"),
-    zhou("DescribableTextures", "dtd", "images", "{} texture.", aliases=("dtd",)),
-    zhou("EuroSAT", "eurosat", "2750", "a centered satellite photo of {}.", renames=EUROSAT_NAMES),
-    zhou("UCF101", "ucf101", "UCF-101-midframes", "a photo of a person doing {}."),
-    DatasetSpec("ImageNet", "imagenet", "images", parse_imagenet, IMAGENET_LAYOUT, masks=ImageNetValBoxes),
+                "a photo of a {}, a type of aircraft.", masks=mask_reader("AircraftBoxes"), aliases=("aircraft",),
+                key="fgvc_aircraft", protocols=COOP_PROTOCOLS),
+    zhou("SUN397", "sun397", "SUN397", protocols=COOP_PROTOCOLS),
+    zhou("DescribableTextures", "dtd", "images", "{} texture.", aliases=("dtd",), key="dtd", protocols=COOP_PROTOCOLS),
+    zhou("EuroSAT", "eurosat", "2750", "a centered satellite photo of {}.", renames=EUROSAT_NAMES,
+         protocols=COOP_PROTOCOLS),
+    zhou("UCF101", "ucf101", "UCF-101-midframes", "a photo of a person doing {}.", protocols=COOP_PROTOCOLS),
     variant("ImageNetV2", "imagenetv2", "imagenetv2-matched-frequency-format-val", parse_imagenet_v2,
-            "0/ ... 999/   (folder = label)", ("imagenet-v2",)),
-    variant("ImageNetSketch", "imagenet-sketch", "images", parse_imagenet_wnid_folders, "<wnid>/*", ("imagenet-sketch",)),
+            "0/ ... 999/   (folder = label)", ("imagenet-v2",), "imagenetv2"),
+    variant("ImageNetSketch", "imagenet-sketch", "images", parse_imagenet_wnid_folders, "<wnid>/*", ("imagenet-sketch",),
+            "imagenet_sketch"),
     variant("ImageNetA", "imagenet-adversarial", "imagenet-a", parse_imagenet_wnid_folders, "<wnid>/*  (200 classes)",
-            ("imagenet-adversarial",)),
+            ("imagenet-adversarial",), "imagenet_a"),
     variant("ImageNetR", "imagenet-rendition", "imagenet-r", parse_imagenet_wnid_folders, "<wnid>/*  (200 classes)",
-            ("imagenet-rendition",)),
+            ("imagenet-rendition",), "imagenet_r"),
     *_synthetic_specs(),
 ]:
     register(_spec)

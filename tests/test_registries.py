@@ -1,0 +1,191 @@
+"""The registries are the single source: every registered method and dataset agrees with its config,
+the docs tables, the report and the sweep, and every registered method trains only its own tensors.
+
+Parametrised over the registries (timm's ``list_models()``), so a new method or dataset is tested
+here without editing a list.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from mmprompt import methods as registry
+from mmprompt import report, sweep
+from mmprompt.data.registry import PROTOCOLS, get_spec, protocol_datasets, specs, transfer_source
+from mmprompt.methods import MethodInfo, RegistryError, methods, scan_methods
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+DOCS = REPO / "docs"
+#: the methods shipped before the registry, in their report order (new methods may join anywhere)
+SHIPPED = ("zero_shot", "coop", "cocoop", "vpt_deep", "text_deep", "ivlp", "maple", "bias", "coupled_bias")
+
+
+def import_object(path: str) -> object:
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def adapter_config(info: MethodInfo) -> dict:
+    return yaml.safe_load((CONFIGS / info.config).read_text())["model"]["adapter"]
+
+
+def markdown_rows(text: str, header_start: str) -> list[list[str]]:
+    """The cells of each body row of the Markdown table whose header line starts with ``header_start``."""
+    lines = text[text.index(header_start):].split("\n\n", 1)[0].splitlines()[2:]
+    return [[cell.strip() for cell in line.strip().strip("|").split(" | ")] for line in lines]
+
+
+def ticked(cell: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", cell)
+
+
+# ---------------------------------------------------------------------- methods
+
+def test_the_registry_read_from_source_equals_the_decorators():
+    import mmprompt.adapters as adapters
+
+    assert registry.registered() == methods()
+    assert [name for name in registry.method_names() if name in SHIPPED] == list(SHIPPED)
+    assert set(adapters.METHOD_CLASSES) == {info.label for info in methods()}
+    assert all(getattr(adapters, info.label) is import_object(info.class_path) for info in methods())
+
+
+def test_reading_the_registry_imports_no_torch():
+    code = ("import sys; from mmprompt import report, sweep; from mmprompt.methods import methods; "
+            "print(len(methods()), sweep.method_label('maple'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.split() == [str(len(methods())), "MaPLe", "False"]
+
+
+@pytest.mark.parametrize("info", methods(), ids=lambda info: info.name)
+def test_every_method_has_its_config_and_the_config_builds_its_class(info):
+    config = adapter_config(info)
+    assert import_object(config["class_path"]) is import_object(info.class_path)
+    assert info.label == config["class_path"].rsplit(".", 1)[-1] == info.class_path.rsplit(".", 1)[-1]
+    assert Path(info.config).stem == info.name  # the sweep finds configs/methods/<name>.yaml
+
+
+def test_every_shipped_method_config_is_registered():
+    assert {p.stem for p in (CONFIGS / "methods").glob("*.yaml")} == set(registry.method_names())
+
+
+@pytest.mark.parametrize("info", methods(), ids=lambda info: info.name)
+def test_every_method_trains_only_its_own_tensors_and_checkpoints_them(info, classes):
+    from mmprompt.module import PromptCLIPModule, build_adapter
+
+    torch.manual_seed(0)
+    module = PromptCLIPModule(build_adapter(adapter_config(info)), model_name="mmprompt-tiny", pretrained=None)
+    module.train()
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    logits = module(images, classes)
+    assert logits.shape == (2, classes.num_classes) and torch.isfinite(logits).all()
+    trainable = {f"adapter.{name}": p for name, p in module.adapter.named_parameters() if p.requires_grad}
+    assert set(module.state_dict()) == set(trainable)  # the checkpoint holds exactly the trainable tensors
+    if trainable:
+        F.cross_entropy(logits, labels).backward()
+        assert all(p.grad is not None for p in trainable.values())
+    assert all(p.grad is None for p in module.clip.parameters())
+
+
+def test_docs_method_table_follows_the_registry():
+    rows = markdown_rows((DOCS / "methods.md").read_text(), "| name | class |")
+    assert [(ticked(r[0])[0], ticked(r[1])[0]) for r in rows] == [(i.name, i.label) for i in methods()]
+    sweep_row = next(r for r in markdown_rows((DOCS / "protocols.md").read_text(), "| option | default |")
+                     if r[0] == "`--methods`")
+    assert ticked(sweep_row[1]) == registry.method_names()
+
+
+def test_report_and_sweep_take_labels_and_order_from_the_registry():
+    labels = [info.label for info in methods()]
+    assert sorted(reversed(labels), key=report.method_order) == labels
+    assert report.method_order("SomethingNew") == (len(labels), "somethingnew")
+    assert [sweep.method_label(info.name) for info in methods()] == labels
+    assert sweep.method_label("my_own_method") == "my_own_method"  # an unregistered config keeps its stem
+
+
+def write_adapters(folder: Path, **files: str) -> Path:
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / f"{name}.py").write_text(text)
+    return folder
+
+
+def test_a_registration_is_read_from_a_new_file(tmp_path):
+    folder = write_adapters(tmp_path / "adapters", lora=(
+        "from ..methods import register_method\n\n\n"
+        "@register_method('clip_lora', order=90)\nclass CLIPLoRA(Adapter):\n    pass\n"))
+    (info,) = scan_methods(folder, "mmprompt.adapters")
+    assert info == MethodInfo("clip_lora", "CLIPLoRA", "mmprompt.adapters.lora.CLIPLoRA", "methods/clip_lora.yaml", 90)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("NAME = 'x'\n@register_method(NAME)\nclass X: pass\n", r"a.py:2: register_method takes literal arguments"),
+    ("@register_method('x', colour='red')\nclass X: pass\n", r"a.py:1: expected register_method\('<name>'"),
+    ("@register_method('MaPLe')\nclass X: pass\n", "should be a lower-case identifier"),
+    ("@register_method('x')\nclass X: pass\n@register_method('x')\nclass Y: pass\n", "'x' is registered twice"),
+])
+def test_bad_registrations_are_refused_naming_the_place(tmp_path, text, message):
+    folder = write_adapters(tmp_path / "adapters", a=text)
+    with pytest.raises(RegistryError, match=message):
+        scan_methods(folder, "mmprompt.adapters")
+
+
+def test_the_decorator_refuses_a_name_taken_by_another_class():
+    decorate = registry.register_method("maple")
+    with pytest.raises(RegistryError, match="'maple' is registered twice: mmprompt.adapters.maple.MaPLe and"):
+        decorate(type("Impostor", (), {"__module__": "somewhere"}))
+
+
+# ---------------------------------------------------------------------- datasets
+
+@pytest.mark.parametrize("config", sorted((CONFIGS / "datasets").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_dataset_config_is_named_by_its_key(config):
+    spec = get_spec(yaml.safe_load(config.read_text())["data"]["dataset"])
+    assert spec.key == config.stem
+    assert get_spec(spec.key) is spec
+
+
+def test_every_dataset_has_a_config():
+    assert {spec.key for spec in specs()} == {p.stem for p in (CONFIGS / "datasets").glob("*.yaml")}
+
+
+def test_protocol_membership_lives_in_the_specs():
+    eleven = protocol_datasets("base2new")
+    assert len(eleven) == 11 and eleven[0] == "imagenet" == transfer_source()
+    assert protocol_datasets("fewshot") == eleven
+    assert protocol_datasets("cross_dataset") == eleven[1:]  # targets: all but the source
+    assert protocol_datasets("domain_generalization") == ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+    assert all(get_spec(key).test_only for key in protocol_datasets("domain_generalization"))
+    assert sweep.PROTOCOL_DATASETS == {protocol: protocol_datasets(protocol) for protocol in PROTOCOLS}
+    assert report.STANDARD_DATASETS == eleven and report.SOURCE_DATASET == sweep.SOURCE_DATASET == "imagenet"
+    with pytest.raises(ValueError, match="unknown protocol 'base2novel'; datasets are listed for: base2new"):
+        protocol_datasets("base2novel")
+
+
+def test_a_spec_with_an_unknown_protocol_is_refused():
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match=r"dataset 'EuroSAT': unknown protocols \['base_to_new'\]"):
+        replace(get_spec("eurosat"), protocols=("base_to_new",))
+
+
+def test_docs_dataset_table_follows_the_registry():
+    rows = markdown_rows((DOCS / "datasets.md").read_text(), "| name (aliases) | key |")
+    assert ticked(rows[-1][0]) == ["custom"]
+    assert len(rows) - 1 == len(specs())
+    for row, spec in zip(rows, specs()):
+        name, *aliases = ticked(row[0])
+        assert (name, tuple(aliases), "test only" in row[0]) == (spec.name, spec.aliases, spec.test_only)
+        assert (ticked(row[1]), ticked(row[2]), row[5]) == ([spec.key], [spec.folder], spec.template)
+        assert ticked(row[7]) == list(spec.protocols)
+        assert ("source" in row[7]) == spec.transfer_source
