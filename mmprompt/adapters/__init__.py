@@ -6,12 +6,13 @@ from .cocoop import CoCoOp
 from .coop import CoOp
 from .coupled_bias import CoupledBiasTuning
 from .ivlp import IVLP
+from .lora import LoRA
 from .maple import MaPLe
 from .text_deep import TextDeep
 from .vpt import VPTDeep
 from .zero_shot import ZeroShot
 
 __all__ = [
-    "Adapter", "BuildContext", "BiasTuning", "CoCoOp", "CoOp", "CoupledBiasTuning", "IVLP", "MaPLe", "TextDeep",
-    "VPTDeep", "ZeroShot",
+    "Adapter", "BuildContext", "BiasTuning", "CoCoOp", "CoOp", "CoupledBiasTuning", "IVLP", "LoRA", "MaPLe",
+    "TextDeep", "VPTDeep", "ZeroShot",
 ]
