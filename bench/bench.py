@@ -39,7 +39,7 @@ from mmprompt.module import PromptCLIPModule  # noqa: E402
 
 ADAPTERS = {
     "zero-shot": A.ZeroShot, "coop": A.CoOp, "vpt-deep": A.VPTDeep, "ivlp": A.IVLP, "maple": A.MaPLe,
-    "bias": A.BiasTuning, "coupled-bias": A.CoupledBiasTuning,
+    "bias": A.BiasTuning, "coupled-bias": A.CoupledBiasTuning, "lora": A.LoRA,
 }
 VIT_B16 = "ViT-B-16-quickgelu"
 

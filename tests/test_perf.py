@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mmprompt.adapters import IVLP, BiasTuning, CoCoOp, CoOp, CoupledBiasTuning, MaPLe, VPTDeep, ZeroShot
+from mmprompt.adapters import IVLP, BiasTuning, CoCoOp, CoOp, CoupledBiasTuning, LoRA, MaPLe, VPTDeep, ZeroShot
 from mmprompt.attention import softmax_attention
 from mmprompt.data.protocol import ClassSet
 from mmprompt.encoders import encode_image, encode_text, length_buckets, tokenize_prompts
@@ -51,7 +51,7 @@ def _with_options(module: PromptCLIPModule, **options) -> PromptCLIPModule:
     return module
 
 
-ADAPTERS = [ZeroShot, CoOp, VPTDeep, IVLP, MaPLe, BiasTuning, CoupledBiasTuning, CoCoOp]
+ADAPTERS = [ZeroShot, CoOp, VPTDeep, IVLP, MaPLe, BiasTuning, CoupledBiasTuning, CoCoOp, LoRA]
 
 
 @pytest.fixture(scope="module")
