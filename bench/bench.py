@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,7 +39,7 @@ from mmprompt.module import PromptCLIPModule  # noqa: E402
 
 ADAPTERS = {
     "zero-shot": A.ZeroShot, "coop": A.CoOp, "vpt-deep": A.VPTDeep, "ivlp": A.IVLP, "maple": A.MaPLe,
-    "bias": A.BiasTuning, "coupled-bias": A.CoupledBiasTuning,
+    "bias": A.BiasTuning, "coupled-bias": A.CoupledBiasTuning, "lora": A.LoRA,
 }
 VIT_B16 = "ViT-B-16-quickgelu"
 
@@ -185,9 +185,9 @@ def bench_text_memory(bench: Bench) -> None:
     module.eval()
     with torch.no_grad():
         for chunk in (None, settings.chunk_size):
-            bench.paths["fast"].options["text_chunk_size"] = chunk
+            bench.paths["fast"].options = replace(bench.paths["fast"].options, text_chunk_size=chunk)
             bench.call(f"text_chunk{chunk}", "fast", lambda: module.encode_classes(classes))
-    bench.paths["fast"].options.pop("text_chunk_size")
+    bench.paths["fast"].options = replace(bench.paths["fast"].options, text_chunk_size=None)
 
 
 # ----------------------------------------------------------------------------- results

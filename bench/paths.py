@@ -6,7 +6,7 @@
 - **naive**: what the research code does: the full 77-token context, text features recomputed
   for every batch, explicit-softmax attention everywhere, and attention statistics recorded.
 
-Both paths share the module and its weights (only options and caches are swapped), so they
+Both paths share the module and its weights (only speed options and caches are swapped), so they
 compute the same logits; tests/test_perf.py checks that.
 """
 
@@ -20,12 +20,13 @@ import torch
 from torch import Tensor
 
 from mmprompt.attention import AttendFn, AttentionSite, attention_scores, softmax_attention
+from mmprompt.encoders import EncoderOptions
 from mmprompt.module import PromptCLIPModule
 
-FAST_OPTIONS = {"truncate_text": True, "bucket_text": False, "prune_last_layer": True, "share_text_prefix": True,
-                "attention": "fused", "cache_text_features": True}
-NAIVE_OPTIONS = {"truncate_text": False, "bucket_text": False, "prune_last_layer": False, "share_text_prefix": False,
-                 "attention": "explicit", "cache_text_features": False}
+FAST_OPTIONS = EncoderOptions(truncate_text=True, bucket_text=False, prune_last_layer=True, share_text_prefix=True,
+                              attention="fused", cache_text_features=True)
+NAIVE_OPTIONS = EncoderOptions(truncate_text=False, bucket_text=False, prune_last_layer=False,
+                               share_text_prefix=False, attention="explicit", cache_text_features=False)
 
 
 def center_foreground(batch: int, num_patches: int) -> Tensor:
@@ -95,7 +96,7 @@ def naive_recorder(module: PromptCLIPModule) -> tuple[AttendFn, str]:
 class PathState:
     """Options, probe and private caches of one path, swapped into the shared module."""
 
-    options: dict
+    options: EncoderOptions
     probe: AttendFn | None = None
     prompt_cache: dict = field(default_factory=dict)
     text_cache: dict = field(default_factory=dict)
@@ -104,9 +105,8 @@ class PathState:
 @contextmanager
 def running(module: PromptCLIPModule, state: PathState, images: Tensor | None = None) -> Iterator[None]:
     """Run ``module`` as ``state`` says; restores the module's own options, probe and caches."""
-    saved = ({key: module.hparams[key] for key in state.options}, module.attention_probe,
-             module._prompt_cache, module._text_cache)
-    module.hparams.update(state.options)
+    saved = (module.speed, module.attention_probe, module._prompt_cache, module._text_cache)
+    module.speed = state.options
     module.attention_probe = state.probe
     module._prompt_cache, module._text_cache = state.prompt_cache, state.text_cache
     if state.probe is not None and images is not None and hasattr(state.probe, "set_batch"):
@@ -114,8 +114,7 @@ def running(module: PromptCLIPModule, state: PathState, images: Tensor | None = 
     try:
         yield
     finally:
-        options, module.attention_probe, module._prompt_cache, module._text_cache = saved
-        module.hparams.update(options)
+        module.speed, module.attention_probe, module._prompt_cache, module._text_cache = saved
 
 
 def make_paths(module: PromptCLIPModule) -> tuple[dict[str, PathState], str]:
@@ -123,9 +122,9 @@ def make_paths(module: PromptCLIPModule) -> tuple[dict[str, PathState], str]:
     naive_probe, recorder = naive_recorder(module)
     fast_probe = statistics_probe(module) or StandInRecorder()
     paths = {
-        "fast": PathState(dict(FAST_OPTIONS)),
-        "naive": PathState(dict(NAIVE_OPTIONS), naive_probe),
-        "recorded": PathState(dict(FAST_OPTIONS), fast_probe),
+        "fast": PathState(FAST_OPTIONS),
+        "naive": PathState(NAIVE_OPTIONS, naive_probe),
+        "recorded": PathState(FAST_OPTIONS, fast_probe),
     }
     return paths, recorder
 

@@ -4,19 +4,33 @@ open_clip's blocks call ``nn.MultiheadAttention`` with ``need_weights=False``, s
 neither recorded nor changed from outside. The encoders project q/k/v from the block's weights and
 hand them to an *attend* function: the fused kernel by default, or an explicit softmax that an
 analysis probe can record and intervene in.
+
+Every linear map of a block goes through `project` / `in_projection`, which add an optional
+*weight delta*: a module mapping the frozen map's input to an addition to its output (LoRA's
+``scale · x Aᵀ Bᵀ``). That is how a method changes a block's weights without touching them, and
+why every path (fused, explicit, pruned, shared prefix, analysis) sees the same change.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Mapping, Protocol, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 Tower = Literal["text", "vision"]
+#: the linear maps of a block a weight delta may wrap: the rows of the packed in-projection that make
+#: q, k and v, the attention out-projection, and the MLP's ``c_fc`` and ``c_proj``
+Projection = Literal["q", "k", "v", "out", "fc", "proj"]
+PROJECTIONS: tuple[str, ...] = get_args(Projection)
+QKV = "qkv"
+#: one block's weight deltas by projection; each maps the frozen map's input (..., d_in) to an
+#: addition to its output (..., d_out). Modules, so that their tensors are visible (`Injection`).
+BlockDeltas = Mapping[str, nn.Module]
+NO_DELTAS: BlockDeltas = {}
 
 
 @dataclass(frozen=True)
@@ -69,13 +83,41 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     return attention_scores(q, k, attn_mask).softmax(dim=-1) @ v
 
 
-def project_qkv(attn: nn.MultiheadAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v of shape (N, heads, L, head_dim) from a MultiheadAttention's packed in-projection."""
+def with_delta(output: Tensor, x: Tensor, delta: nn.Module | None) -> Tensor:
+    """``output`` of a frozen linear map of ``x``, plus what ``delta`` adds to it (if any)."""
+    return output if delta is None else output + delta(x).to(output.dtype)
+
+
+def project(x: Tensor, linear: nn.Linear, delta: nn.Module | None = None) -> Tensor:
+    """A frozen ``nn.Linear`` (out-projection, MLP) applied to ``x``, with its weight delta."""
+    return with_delta(F.linear(x, linear.weight, linear.bias), x, delta)
+
+
+def in_projection(attn: nn.MultiheadAttention, x: Tensor, parts: str = QKV,
+                  deltas: BlockDeltas = NO_DELTAS) -> tuple[Tensor, ...]:
+    """``parts`` ("qkv", "q", "kv", "k", ...) of x's in-projection, each (N, L, width), with their deltas.
+
+    The one q/k/v projection of the package: one matmul over the rows of the packed
+    ``in_proj_weight`` that ``parts`` needs, then each part's delta added.
+    """
+    if parts not in (QKV[i:j] for i in range(3) for j in range(i + 1, 4)):
+        raise ValueError(f"parts must be a contiguous run of 'qkv' (e.g. 'q', 'kv'), got {parts!r}")
+    width = attn.embed_dim
+    rows = slice(QKV.index(parts[0]) * width, (QKV.index(parts[-1]) + 1) * width)
+    bias = attn.in_proj_bias[rows] if attn.in_proj_bias is not None else None
+    packed = F.linear(x, attn.in_proj_weight[rows], bias)
+    return tuple(with_delta(out, x, deltas.get(part)) for part, out in zip(parts, packed.split(width, dim=-1)))
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(N, L, width) → (N, heads, L, head_dim)."""
     n, length, width = x.shape
-    heads = attn.num_heads
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-    qkv = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    return qkv[0], qkv[1], qkv[2]
+    return x.view(n, length, heads, width // heads).transpose(1, 2)
+
+
+def project_qkv(attn: nn.MultiheadAttention, x: Tensor, deltas: BlockDeltas = NO_DELTAS) -> tuple[Tensor, ...]:
+    """q, k, v of shape (N, heads, L, head_dim) from a MultiheadAttention's packed in-projection."""
+    return tuple(split_heads(part, attn.num_heads) for part in in_projection(attn, x, QKV, deltas))
 
 
 def merge_heads(out: Tensor) -> Tensor:

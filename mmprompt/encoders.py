@@ -5,20 +5,37 @@ Layer 0 of the text tower puts learnable context at positions ``1..n`` (right af
 the vision tower appends prompt tokens after the patches (after the positional embedding, before
 ``ln_pre``). A deep prompt for layer ``j >= 1`` replaces those slots before block ``j``; layers
 without one keep whatever the slots hold. A bias for layer ``j`` is added to every token's update
-after the attention and/or the MLP of block ``j``. No CLIP code is copied or patched.
+after the attention and/or the MLP of block ``j``. A weight delta for layer ``j`` wraps one of block
+``j``'s linear maps (q, k, v, out, fc, proj: `mmprompt.attention.Projection`): the frozen map's
+output plus the delta's output for the same input, as PEFT wraps a layer. No CLIP code is copied
+or patched.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Iterator, Literal, Mapping
 
 import torch
-import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
-from .attention import AttendFn, AttentionSite, Tower, fused_attention, merge_heads, project_qkv
+from .attention import (
+    NO_DELTAS, PROJECTIONS, AttendFn, AttentionSite, BlockDeltas, Tower, fused_attention, in_projection, merge_heads,
+    project, project_qkv, split_heads,
+)
+
+
+@dataclass(frozen=True)
+class BlockInjection:
+    """What one block takes besides its input: biases on its updates and deltas on its linear maps."""
+
+    attn_bias: Tensor | None = None
+    mlp_bias: Tensor | None = None
+    deltas: BlockDeltas = field(default_factory=dict)
+
+
+NO_BLOCK_INJECTION = BlockInjection()
 
 
 @dataclass
@@ -28,20 +45,41 @@ class Injection:
     ``prompts[0]`` is the layer-0 prompt, (n, d) shared or (G, n, d) per group (CoCoOp's
     per-image context); ``prompts[j]`` (n, d) replaces the prompt slots before block ``j``.
     ``attn_bias[j]`` / ``mlp_bias[j]`` (d,) are added to every token's update in block ``j``.
+    ``deltas[j][p]`` is a module added to block ``j``'s linear map ``p`` (one of `PROJECTIONS`):
+    ``p(h) + deltas[j][p](h)``, e.g. a low-rank update of the q projection.
     """
 
     prompts: dict[int, Tensor] = field(default_factory=dict)
     attn_bias: dict[int, Tensor] = field(default_factory=dict)
     mlp_bias: dict[int, Tensor] = field(default_factory=dict)
+    deltas: dict[int, BlockDeltas] = field(default_factory=dict)
 
     def tensors(self) -> Iterator[Tensor]:
+        """Every tensor the injection depends on, the deltas' parameters and buffers included."""
         for table in (self.prompts, self.attn_bias, self.mlp_bias):
             yield from table.values()
+        for delta in self.delta_modules():
+            yield from delta.parameters()
+            yield from delta.buffers()
+
+    def delta_modules(self) -> Iterator[nn.Module]:
+        for block_deltas in self.deltas.values():
+            yield from block_deltas.values()
+
+    def block(self, layer: int) -> BlockInjection:
+        """What block ``layer`` takes (prompts are handled between blocks, not inside them)."""
+        return BlockInjection(self.attn_bias.get(layer), self.mlp_bias.get(layer), self.deltas.get(layer, NO_DELTAS))
 
     @property
     def requires_grad(self) -> bool:
         """True when the injection depends on trainable tensors (its features must be recomputed)."""
         return any(t.requires_grad for t in self.tensors())
+
+    @property
+    def stochastic(self) -> bool:
+        """True when a delta is in training mode and may draw random numbers (LoRA's dropout): every
+        sequence then runs its own copy of tokens it shares with others."""
+        return any(delta.training for delta in self.delta_modules())
 
     @property
     def num_prompts(self) -> int:
@@ -51,16 +89,97 @@ class Injection:
         """Reject injections the runner would silently misapply."""
         if self.prompts and 0 not in self.prompts:
             raise ValueError(f"{tower} injection has deep prompts at layers {sorted(self.prompts)} but none at layer 0")
-        for table_name, table in (("prompts", self.prompts), ("attn_bias", self.attn_bias), ("mlp_bias", self.mlp_bias)):
+        tables = (("prompts", self.prompts), ("attn_bias", self.attn_bias), ("mlp_bias", self.mlp_bias),
+                  ("deltas", self.deltas))
+        for table_name, table in tables:
             bad = [j for j in table if not 0 <= j < depth]
             if bad:
                 raise ValueError(f"{tower} {table_name} at layers {bad}, but the {tower} tower has layers 0..{depth - 1}")
         sizes = {p.shape[-2] for p in self.prompts.values()}
         if len(sizes) > 1:
             raise ValueError(f"{tower} prompts have different token counts per layer: {sorted(sizes)}")
+        for layer, block_deltas in self.deltas.items():
+            check_block_deltas(block_deltas, tower, layer)
+
+
+def check_block_deltas(deltas: BlockDeltas, tower: Tower, layer: int) -> None:
+    """Each delta names a projection the runner wraps and is a module (so its tensors can be found)."""
+    for name, delta in deltas.items():
+        if name not in PROJECTIONS:
+            raise ValueError(f"{tower} deltas at layer {layer} name projection {name!r}; expected one of "
+                             f"{', '.join(PROJECTIONS)}")
+        if not isinstance(delta, nn.Module):
+            raise TypeError(f"{tower} delta {name!r} at layer {layer} is a {type(delta).__name__}; expected an "
+                            "nn.Module mapping the projection's input to an addition to its output")
 
 
 NO_INJECTION = Injection()
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """How the encoders run: each option buys speed or memory and none changes a result
+    (tests/test_perf.py checks every one against the plain computation). In YAML they sit under
+    ``model.speed``, e.g. ``speed: {text_chunk_size: 250}``; the defaults are the fast path.
+
+    Args:
+        attention: "fused" (scaled_dot_product_attention) or "explicit" (softmax written out).
+        text_chunk_size: classes per text-tower pass (bounds memory for 1000 classes); null: all.
+        truncate_text: run the text tower only up to the longest prompt's EOT.
+        bucket_text: encode prompts in groups of similar length, each cut to its own longest EOT
+            (needs ``truncate_text``). Off by default: the extra, smaller passes measured slower on
+            a busy 2-core CPU (docs/performance.md).
+        prune_last_layer: run each tower's last block for the pooled token only.
+        share_text_prefix: run the prompt tokens every class shares (SOS, learned context, "of a")
+            once per pass instead of once per class; the causal mask makes this exact.
+        cache_text_features: compute text features once per evaluation (and once per run when the
+            text side is frozen); false recomputes them for every batch, as the research code does.
+
+    Bucketing, pruning and the shared prefix are off while an attention probe is set or with
+    ``attention="explicit"`` (`shortcuts`): probes expect one full pass per layer.
+    """
+
+    attention: Literal["fused", "explicit"] = "fused"
+    text_chunk_size: int | None = None
+    truncate_text: bool = True
+    bucket_text: bool = False
+    prune_last_layer: bool = True
+    share_text_prefix: bool = True
+    cache_text_features: bool = True
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("fused", "explicit"):
+            raise ValueError(f"speed.attention must be 'fused' or 'explicit', got {self.attention!r}")
+        if self.text_chunk_size is not None and self.text_chunk_size < 1:
+            raise ValueError(f"speed.text_chunk_size must be a positive number of classes or null, "
+                             f"got {self.text_chunk_size}")
+
+    @classmethod
+    def parse(cls, value: "EncoderOptions | Mapping[str, Any] | None") -> "EncoderOptions":
+        """Options from themselves, a mapping (Python callers, saved hyper-parameters) or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"speed must be an EncoderOptions or a mapping of its options, got {type(value).__name__}")
+        known = [option.name for option in fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"unknown speed option(s) {', '.join(map(repr, unknown))}; "
+                             f"expected some of {', '.join(known)}")
+        return cls(**value)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain types, as checkpoints store them (they load with ``torch.load(weights_only=True)``)."""
+        return asdict(self)
+
+    def shortcuts(self, probed: bool) -> "EncoderOptions":
+        """The options in effect: with a probe set, or explicit attention, no shortcut changes the call pattern."""
+        plain = not probed and self.attention == "fused"
+        return replace(self, bucket_text=plain and self.truncate_text and self.bucket_text,
+                       prune_last_layer=plain and self.prune_last_layer,
+                       share_text_prefix=plain and self.share_text_prefix)
 
 
 def check_supported_blocks(blocks: nn.ModuleList, tower: Tower) -> None:
@@ -89,54 +208,55 @@ def run_block(
     attn_mask: Tensor | None,
     attend: AttendFn,
     site: AttentionSite,
-    attn_bias: Tensor | None = None,
-    mlp_bias: Tensor | None = None,
+    injected: BlockInjection = NO_BLOCK_INJECTION,
     query_rows: Tensor | None = None,
     prefix: KeysValues | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """open_clip's block forward with attention done by ``attend`` and optional additive biases;
-    returns the new hidden states and the keys and values of ``x``'s own tokens.
+    """open_clip's block forward with attention done by ``attend`` and ``injected``'s biases and
+    weight deltas; returns the new hidden states and the keys and values of ``x``'s own tokens.
 
     ``query_rows`` (N,) keeps one row per sequence (the pooled token): keys and values still come
     from the whole sequence, but only that row is updated, and (N, 1, width) is returned. Exact for
     the last block, whose other rows are never read. ``prefix`` holds keys and values of tokens that precede ``x`` (a prompt prefix shared by every
     class): they are attended to but not recomputed; ``attn_mask`` then spans prefix + ``x``.
     """
-    attn = block.attn
-    n, length, width = x.shape
-    heads = attn.num_heads
-    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    attn, deltas = block.attn, injected.deltas
+    n = x.shape[0]
     h = block.ln_1(x)
     if query_rows is not None:  # q, out-projection and MLP for one row per sequence
         batch = torch.arange(n, device=x.device)
         x, h_query = x[batch, query_rows].unsqueeze(1), h[batch, query_rows].unsqueeze(1)
-        q = F.linear(h_query, weight[:width], bias[:width] if bias is not None else None)
-        q = q.view(n, 1, heads, width // heads).transpose(1, 2)
-        kv = F.linear(h, weight[width:], bias[width:] if bias is not None else None)
-        k, v = kv.view(n, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+        q = split_heads(in_projection(attn, h_query, "q", deltas)[0], attn.num_heads)
+        k, v = (split_heads(part, attn.num_heads) for part in in_projection(attn, h, "kv", deltas))
         if attn_mask is not None:
             attn_mask = attn_mask[query_rows].view(n, 1, 1, attn_mask.shape[-1])
     else:
-        q, k, v = project_qkv(attn, h)
+        q, k, v = project_qkv(attn, h, deltas)
     keys, values = k, v
     if prefix is not None:
         keys = torch.cat([prefix[0].expand(n, -1, -1, -1), k], dim=2)
         values = torch.cat([prefix[1].expand(n, -1, -1, -1), v], dim=2)
-    out = F.linear(merge_heads(attend(q, keys, values, attn_mask, site)), attn.out_proj.weight, attn.out_proj.bias)
-    return _finish_block(block, x, out, attn_bias, mlp_bias), k, v
+    out = project(merge_heads(attend(q, keys, values, attn_mask, site)), attn.out_proj, deltas.get("out"))
+    return _finish_block(block, x, out, injected), k, v
 
 
-def _finish_block(block: ResidualAttentionBlock, x: Tensor, out: Tensor, attn_bias: Tensor | None,
-                  mlp_bias: Tensor | None) -> Tensor:
-    """Residual updates after the attention output ``out``: layer scale, biases, MLP."""
+def _finish_block(block: ResidualAttentionBlock, x: Tensor, out: Tensor, injected: BlockInjection) -> Tensor:
+    """Residual updates after the attention output ``out``: layer scale, biases, MLP (with its deltas)."""
     update = block.ls_1(out)
-    if attn_bias is not None:
-        update = update + attn_bias
+    if injected.attn_bias is not None:
+        update = update + injected.attn_bias
     x = x + update
-    update = block.ls_2(block.mlp(block.ln_2(x)))
-    if mlp_bias is not None:
-        update = update + mlp_bias
+    update = block.ls_2(_mlp(block.mlp, block.ln_2(x), injected.deltas))
+    if injected.mlp_bias is not None:
+        update = update + injected.mlp_bias
     return x + update
+
+
+def _mlp(mlp: nn.Module, h: Tensor, deltas: BlockDeltas) -> Tensor:
+    """open_clip's ``c_fc → act → c_proj``, with the deltas of "fc" and "proj" (the module itself without)."""
+    if "fc" not in deltas and "proj" not in deltas:
+        return mlp(h)
+    return project(mlp.gelu(project(h, mlp.c_fc, deltas.get("fc"))), mlp.c_proj, deltas.get("proj"))
 
 
 def _replace_slots(x: Tensor, prompt: Tensor, start: int) -> Tensor:
@@ -161,11 +281,8 @@ def _run_blocks(
     for index, block in enumerate(blocks):
         if index > 0 and index in injection.prompts:
             x = _replace_slots(x, injection.prompts[index], prompt_start)
-        x = run_block(
-            block, x, attn_mask, attend, make_site(index),
-            injection.attn_bias.get(index), injection.mlp_bias.get(index),
-            query_rows=last_rows if index == last else None,
-        )[0]
+        x = run_block(block, x, attn_mask, attend, make_site(index), injection.block(index),
+                      query_rows=last_rows if index == last else None)[0]
     return x
 
 
@@ -315,11 +432,10 @@ def _run_blocks_shared_prefix(
     for index, block in enumerate(blocks):
         if index > 0 and index in injection.prompts:
             prefix = _replace_slots(prefix, injection.prompts[index], start=1)
-        biases = injection.attn_bias.get(index), injection.mlp_bias.get(index)
-        site = make_site(index)
-        prefix, keys, values = run_block(block, prefix, prefix_mask, attend, site, *biases)
+        injected, site = injection.block(index), make_site(index)
+        prefix, keys, values = run_block(block, prefix, prefix_mask, attend, site, injected)
         rows = last_rows - prefix_length if index == last and last_rows is not None else None
-        x = run_block(block, x, rest_mask, attend, site, *biases, query_rows=rows, prefix=(keys, values))[0]
+        x = run_block(block, x, rest_mask, attend, site, injected, query_rows=rows, prefix=(keys, values))[0]
     return x
 
 
@@ -352,7 +468,8 @@ def _encode_text_chunk(clip: nn.Module, prompts: TokenizedPrompts, injection: In
 
     blocks = clip.transformer.resblocks
     last_rows = eot if pooled_only else None
-    prefix_length = shared_prefix_length(prompts.token_ids, eot) if share_prefix and groups == 1 else 0
+    shareable = share_prefix and groups == 1 and not injection.stochastic
+    prefix_length = shared_prefix_length(prompts.token_ids, eot) if shareable else 0
     if attn_mask is not None and num_classes > 1 and prefix_length > max(n, 1):
         x = _run_blocks_shared_prefix(blocks, x, attn_mask, injection, attend, make_site, prefix_length, last_rows)
     else:
@@ -383,8 +500,9 @@ def encode_text(
     own longest prompt); the result equals the single pass. ``bucket_by_length`` groups prompts
     of similar length (`length_buckets`) so short class names don't pay for the longest one;
     ``pooled_only`` runs the last block for the EOT rows only; ``share_prefix`` runs the tokens
-    every prompt shares (SOS, context, "of a") once for all classes. All are exact; leave them off
-    when ``attend`` records or changes attention and expects the plain call pattern.
+    every prompt shares (SOS, context, "of a") once for all classes (not while a delta may draw
+    random numbers: `Injection.stochastic`). All are exact; leave them off when ``attend`` records
+    or changes attention and expects the plain call pattern.
     """
     injection.check("text", len(clip.transformer.resblocks))
     if bucket_by_length:

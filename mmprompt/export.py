@@ -80,7 +80,8 @@ def load_adapter(folder: str | Path, clip: nn.Module | None = None) -> Any:
 def static_bias_injections(adapter: Any) -> dict[str, Injection]:
     """The adapter's text and vision injections, if they are input-independent biases only.
 
-    Raises ValueError naming the reason when they are not (prompt tokens, image-conditioned text).
+    Raises ValueError naming the reason when they are not (prompt tokens, image-conditioned text,
+    weight deltas).
     """
     name = type(adapter).__name__
     if adapter.conditions_text_on_image:
@@ -90,6 +91,9 @@ def static_bias_injections(adapter: Any) -> dict[str, Injection]:
     if any(injection.prompts for injection in injections.values()):
         raise ValueError(f"{name} adds prompt tokens, which join the attention of every input; no change of "
                          "CLIP's weights reproduces that, so only the adapter form exists (--format adapter)")
+    if any(injection.deltas for injection in injections.values()):
+        raise ValueError(f"{name} adds weight deltas (modules on the blocks' linear maps); only learned biases "
+                         "are folded, so only the adapter form exists (--format adapter)")
     return injections
 
 

@@ -71,6 +71,12 @@ def init_defaults(cls: type) -> dict[str, Any]:
             if parameter.default is not inspect.Parameter.empty}
 
 
+def plain_option(value: Any) -> Any:
+    """An option as plain data, so parsed, default and saved values compare: a jsonargparse
+    Namespace or an options object (`mmprompt.encoders.EncoderOptions`) becomes a dict."""
+    return value.as_dict() if callable(getattr(value, "as_dict", None)) else value
+
+
 def checkpoint_model_options(given: dict[str, Any], saved: dict[str, Any], defaults: dict[str, Any],
                              ckpt_path: str) -> dict[str, Any]:
     """The checkpoint's model options to apply: those the config and command line left at their
@@ -78,6 +84,8 @@ def checkpoint_model_options(given: dict[str, Any], saved: dict[str, Any], defau
     any other option set explicitly keeps its value, with a warning naming both."""
     updates: dict[str, Any] = {}
     conflicts: list[str] = []
+    given = {key: plain_option(value) for key, value in given.items()}
+    defaults = {key: plain_option(value) for key, value in defaults.items()}
     for key, value in saved.items():
         if key in NOT_MODEL_OPTIONS or key not in given:
             continue

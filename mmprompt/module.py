@@ -6,7 +6,7 @@ import functools
 import logging
 import random
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -22,7 +22,7 @@ from .adapters.base import Adapter, BuildContext
 from .attention import AttendFn, fused_attention, softmax_attention
 from .backbone import BackboneSpec, freeze, get_tokenizer, load_clip, shape_mismatches, shapes_of
 from .classes import ClassSet, ProvidesClassSets
-from .encoders import TokenizedPrompts, encode_image, encode_text, tokenize_prompts
+from .encoders import EncoderOptions, TokenizedPrompts, encode_image, encode_text, tokenize_prompts
 from .results import harmonic_mean
 from .schedule import warmup_cosine_factor
 
@@ -98,19 +98,9 @@ class PromptCLIPModule(L.LightningModule):
         warmup_epochs: epochs at the constant ``warmup_lr`` before the cosine starts.
         warmup_lr: learning rate during warm-up.
         cosine_epochs: the cosine's T_max in epochs; null means trainer.max_epochs.
-        text_chunk_size: classes per text-tower pass (bounds memory for 1000 classes); null: all.
-        attention: "fused" (scaled_dot_product_attention) or "explicit" (softmax written out).
-        cache_text_features: compute text features once per evaluation (and once per run when the
-            text side is frozen); false recomputes them for every batch, as the research code does.
-        truncate_text: run the text tower only up to the longest prompt's EOT (exact).
-        bucket_text: encode prompts in groups of similar length, each cut to its own longest EOT
-            (exact; needs ``truncate_text``). Off by default: the extra, smaller passes measured
-            slower on a busy 2-core CPU (docs/performance.md). Off while an attention probe is set.
-        prune_last_layer: run each tower's last block for the pooled token only (exact). Off while
-            an attention probe is set or with ``attention="explicit"``.
-        share_text_prefix: run the prompt tokens every class shares (SOS, learned context, "of a")
-            once per pass instead of once per class; the causal mask makes this exact. Off while an
-            attention probe is set or with ``attention="explicit"``.
+        speed: how the encoders run (`mmprompt.encoders.EncoderOptions`: attention kernel, text
+            chunks, truncation, pruning, shared prefix, caching); every option is exact. In YAML
+            ``speed: {text_chunk_size: 250}``; a dict works in Python too.
     """
 
     strict_loading = False  # the checkpoint holds only adapter tensors; load_state_dict checks them
@@ -128,18 +118,13 @@ class PromptCLIPModule(L.LightningModule):
         warmup_epochs: int = 1,
         warmup_lr: float = 1e-5,
         cosine_epochs: int | None = None,
-        text_chunk_size: int | None = None,
-        attention: Literal["fused", "explicit"] = "fused",
-        cache_text_features: bool = True,
-        truncate_text: bool = True,
-        bucket_text: bool = False,
-        prune_last_layer: bool = True,
-        share_text_prefix: bool = True,
+        speed: EncoderOptions = EncoderOptions(),
     ) -> None:
         super().__init__()
+        #: the encoders' speed options; swap the whole object (`dataclasses.replace`) to change one
+        self.speed = EncoderOptions.parse(speed)
+        speed = self.speed.as_dict()  # saved as plain types: checkpoints load with weights_only=True
         self.save_hyperparameters(ignore=["adapter", "optimizer"])
-        if attention not in ("fused", "explicit"):
-            raise ValueError(f"attention must be 'fused' or 'explicit', got {attention!r}")
         self.clip = load_clip(model_name, pretrained, force_quick_gelu)
         self.tokenizer = get_tokenizer(model_name)
         self.spec = BackboneSpec.from_clip(self.clip, model_name)
@@ -182,24 +167,12 @@ class PromptCLIPModule(L.LightningModule):
     def attend(self) -> AttendFn:
         if self.attention_probe is not None:
             return self.attention_probe
-        return fused_attention if self.hparams.attention == "fused" else softmax_attention
+        return fused_attention if self.speed.attention == "fused" else softmax_attention
 
     @property
-    def _plain_fused(self) -> bool:
-        """True when no probe needs the plain call pattern, so the exact shortcuts may run."""
-        return self.attention_probe is None and self.hparams.attention == "fused"
-
-    @property
-    def _pooled_only(self) -> bool:
-        return self._plain_fused and self.hparams.prune_last_layer
-
-    @property
-    def _share_text_prefix(self) -> bool:
-        return self._plain_fused and self.hparams.share_text_prefix
-
-    @property
-    def _bucket_text(self) -> bool:
-        return self._plain_fused and self.hparams.truncate_text and self.hparams.bucket_text
+    def _shortcuts(self) -> EncoderOptions:
+        """The speed options in effect: a probe needs the plain call pattern (`EncoderOptions.shortcuts`)."""
+        return self.speed.shortcuts(probed=self.attention_probe is not None)
 
     # ------------------------------------------------------------------ class sets
 
@@ -257,16 +230,17 @@ class PromptCLIPModule(L.LightningModule):
             texts = self.adapter.prompt_texts(classes)
             flat = [text for template_row in texts for text in template_row]
             self._prompt_cache[key] = (
-                tokenize_prompts(self.clip, self.tokenizer, flat, truncate=self.hparams.truncate_text), len(texts)
+                tokenize_prompts(self.clip, self.tokenizer, flat, truncate=self.speed.truncate_text), len(texts)
             )
         return self._prompt_cache[key]
 
     def encode_classes(self, classes: ClassSet, image_features: Tensor | None = None) -> Tensor:
         """Normalised text features (C, D), or (B, C, D) for image-conditioned adapters."""
         prompts, num_templates = self.prompts_for(classes)
+        options = self._shortcuts
         features = encode_text(self.clip, prompts, self.adapter.text_injection(image_features), self.attend,
-                               self.hparams.text_chunk_size, bucket_by_length=self._bucket_text,
-                               pooled_only=self._pooled_only, share_prefix=self._share_text_prefix)
+                               options.text_chunk_size, bucket_by_length=options.bucket_text,
+                               pooled_only=options.prune_last_layer, share_prefix=options.share_text_prefix)
         features = F.normalize(features.float(), dim=-1)
         if num_templates > 1:  # template ensemble: mean of normalised features, renormalised
             features = F.normalize(features.unflatten(-2, (num_templates, -1)).mean(dim=-3), dim=-1)
@@ -277,7 +251,7 @@ class PromptCLIPModule(L.LightningModule):
         if self.adapter.conditions_text_on_image:
             return self.encode_classes(classes, image_features)
         frozen = not torch.is_grad_enabled() or not self.adapter.text_injection().requires_grad
-        if not (self.hparams.cache_text_features and frozen):
+        if not (self.speed.cache_text_features and frozen):
             return self.encode_classes(classes)
         if classes not in self._text_cache:
             self._text_cache[classes] = self.encode_classes(classes).detach()
@@ -285,7 +259,7 @@ class PromptCLIPModule(L.LightningModule):
 
     def image_features(self, images: Tensor) -> Tensor:
         features = encode_image(self.clip, images, self.adapter.vision_injection(), self.attend,
-                                pooled_only=self._pooled_only)
+                                pooled_only=self._shortcuts.prune_last_layer)
         return F.normalize(features.float(), dim=-1)
 
     def forward(self, images: Tensor, classes: ClassSet) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mmprompt.adapters import (
-    IVLP, BiasTuning, BuildContext, CoCoOp, CoOp, CoupledBiasTuning, MaPLe, TextDeep, VPTDeep, ZeroShot,
+    IVLP, BiasTuning, BuildContext, CoCoOp, CoOp, CoupledBiasTuning, LoRA, MaPLe, TextDeep, VPTDeep, ZeroShot,
 )
 from mmprompt.data.protocol import ClassSet
 from mmprompt.module import PromptCLIPModule
@@ -35,6 +35,7 @@ def _build_context(clip, tokenizer, spec) -> BuildContext:
     (TextDeep(), 24_576),
     (IVLP(), 2 * 512 * 9 + 2 * 768 * 9),
     (BiasTuning(placement="both"), 2 * 11_520),
+    (LoRA(), 184_320),
     (ZeroShot(), 0),
 ], ids=lambda value: type(value).__name__ if not isinstance(value, int) else str(value))
 def test_trainable_parameter_counts_on_vit_b16(vit_b16, adapter, expected):
@@ -101,7 +102,7 @@ ALL_ADAPTERS = [
     lambda: CoOp(n_ctx=4), lambda: CoOp(n_ctx=4, ctx_init="a photo of a"), lambda: CoCoOp(),
     lambda: VPTDeep(n_prompts=4, depth=6), lambda: TextDeep(depth=6), lambda: IVLP(depth=6), lambda: MaPLe(depth=6),
     lambda: BiasTuning(layers=6), lambda: BiasTuning(layers=[0, 5], placement="mlp", branches="vision"),
-    lambda: CoupledBiasTuning(layers=6),
+    lambda: CoupledBiasTuning(layers=6), lambda: LoRA(),
 ]
 
 

@@ -228,6 +228,25 @@ def test_checkpoint_fills_only_the_options_left_at_their_defaults(caplog):
                                  {"force_quick_gelu": False}, "a.ckpt")
 
 
+def test_checkpoint_speed_options_compare_as_plain_data(caplog):
+    """The parsed config holds a Namespace, the default an EncoderOptions, the checkpoint a dict."""
+    from jsonargparse import Namespace
+
+    from mmprompt.encoders import EncoderOptions
+    from mmprompt.guards import init_defaults
+    from mmprompt.module import PromptCLIPModule
+
+    saved = {"speed": EncoderOptions(text_chunk_size=250).as_dict()}
+    defaults = init_defaults(PromptCLIPModule)
+    with caplog.at_level(logging.WARNING, logger="mmprompt.guards"):
+        assert checkpoint_model_options({"speed": Namespace(**saved["speed"])}, saved, defaults, "a.ckpt") == saved
+        assert checkpoint_model_options({"speed": defaults["speed"]}, saved, defaults, "a.ckpt") == saved
+        assert not caplog.text
+        explicit = Namespace(**EncoderOptions(attention="explicit").as_dict())
+        assert checkpoint_model_options({"speed": explicit}, saved, defaults, "a.ckpt") == {}
+    assert "--model.speed {'attention': 'explicit'" in caplog.text
+
+
 # ---------------------------------------------------------------------- configs
 
 def test_yaml_syntax_error_names_the_file_and_line(data_root, tmp_path, capsys):

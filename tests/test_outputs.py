@@ -319,8 +319,9 @@ def test_checkpoint_config_goes_first_so_user_options_win(trained_run, tmp_path)
     from mmprompt.run_config import config_from_checkpoint, with_checkpoint_config
 
     checkpoint = str(trained_run / "checkpoints" / "last.ckpt")
-    args = with_checkpoint_config(["test", "--ckpt_path", checkpoint, "--model.attention", "explicit"])
-    assert args[:2] == ["test", "--config"] and args[3:] == ["--ckpt_path", checkpoint, "--model.attention", "explicit"]
+    args = with_checkpoint_config(["test", "--ckpt_path", checkpoint, "--model.speed.attention", "explicit"])
+    assert args[:2] == ["test", "--config"] and args[3:] == ["--ckpt_path", checkpoint, "--model.speed.attention",
+                                                            "explicit"]
     config = yaml.safe_load(args[2])
     assert config["model"]["adapter"]["class_path"] == "mmprompt.adapters.BiasTuning"
     assert "image_size" not in config["data"] and config["data"]["root"].startswith("/")

@@ -5,10 +5,12 @@ Tiny configs only (ViT-B/16 is marked slow). Nothing here times anything: see be
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from mmprompt.adapters import IVLP, BiasTuning, CoCoOp, CoOp, CoupledBiasTuning, MaPLe, VPTDeep, ZeroShot
+from mmprompt.adapters import IVLP, BiasTuning, CoCoOp, CoOp, CoupledBiasTuning, LoRA, MaPLe, VPTDeep, ZeroShot
 from mmprompt.attention import softmax_attention
 from mmprompt.data.protocol import ClassSet
 from mmprompt.encoders import encode_image, encode_text, length_buckets, tokenize_prompts
@@ -36,20 +38,20 @@ def _perturb(module: PromptCLIPModule, seed: int = 0) -> PromptCLIPModule:
     return module
 
 
-def _module(adapter, model_name: str = TINY, **options) -> PromptCLIPModule:
+def _module(adapter, model_name: str = TINY) -> PromptCLIPModule:
     torch.manual_seed(0)
-    return _perturb(PromptCLIPModule(adapter, model_name=model_name, pretrained=None, **options).eval())
+    return _perturb(PromptCLIPModule(adapter, model_name=model_name, pretrained=None).eval())
 
 
 def _with_options(module: PromptCLIPModule, **options) -> PromptCLIPModule:
-    """The same weights under other path options (the caches depend on them, so clear both)."""
-    module.hparams.update(options)
+    """The same weights under other speed options (the caches depend on them, so clear both)."""
+    module.speed = replace(module.speed, **options)
     module._prompt_cache.clear()
     module._text_cache.clear()
     return module
 
 
-ADAPTERS = [ZeroShot, CoOp, VPTDeep, IVLP, MaPLe, BiasTuning, CoupledBiasTuning, CoCoOp]
+ADAPTERS = [ZeroShot, CoOp, VPTDeep, IVLP, MaPLe, BiasTuning, CoupledBiasTuning, CoCoOp, LoRA]
 
 
 @pytest.fixture(scope="module")

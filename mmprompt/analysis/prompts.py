@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..attention import NO_DELTAS, BlockDeltas, in_projection
 from ..encoders import encode_image
 from .common import batch_to, markdown_table, write_table
 from ..data.masks import mask_to_patch_grid
@@ -58,18 +59,16 @@ def nearest_words(module, k: int = 5) -> list[dict]:
 @dataclass
 class PromptPatchSimilarity:
     """Forward hooks on each vision block's ``ln_1``: the hidden states entering the block (after the
-    prompt slots were filled) and their keys (``ln_1`` then the k-projection)."""
+    prompt slots were filled) and their keys (``ln_1`` then the k-projection, with its delta if any)."""
 
     num_patches: int
     foreground: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))
     sums: dict[tuple[int, str], float] = field(default_factory=dict)
     counts: dict[int, int] = field(default_factory=dict)
 
-    def hook(self, layer: int, attn: torch.nn.MultiheadAttention):
-        width = attn.embed_dim
-
+    def hook(self, layer: int, attn: torch.nn.MultiheadAttention, deltas: BlockDeltas = NO_DELTAS):
         def record(_module, inputs, output) -> None:
-            keys = F.linear(output, attn.in_proj_weight[width:2 * width], attn.in_proj_bias[width:2 * width])
+            (keys,) = in_projection(attn, output, "k", deltas)
             self.add(layer, "hidden", inputs[0])
             self.add(layer, "key", keys)
             self.counts[layer] = self.counts.get(layer, 0) + int(self.valid().sum())
@@ -102,7 +101,8 @@ def vision_prompt_similarity(module, batches: Iterable[dict], max_batches: int =
                          "needs a vision-prompt model (VPTDeep, IVLP, MaPLe)")
     blocks = module.clip.visual.transformer.resblocks
     tracker = PromptPatchSimilarity(module.spec.num_patches)
-    handles = [block.ln_1.register_forward_hook(tracker.hook(j, block.attn)) for j, block in enumerate(blocks)]
+    handles = [block.ln_1.register_forward_hook(tracker.hook(j, block.attn, injection.block(j).deltas))
+               for j, block in enumerate(blocks)]
     try:
         for index, batch in enumerate(batches):
             if index >= max_batches:
