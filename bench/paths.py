@@ -12,7 +12,7 @@ compute the same logits; tests/test_perf.py checks that.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -104,17 +104,22 @@ class PathState:
 
 @contextmanager
 def running(module: PromptCLIPModule, state: PathState, images: Tensor | None = None) -> Iterator[None]:
-    """Run ``module`` as ``state`` says; restores the module's own options, probe and caches."""
-    saved = (module.speed, module.attention_probe, module._prompt_cache, module._text_cache)
-    module.speed = state.options
-    module.attention_probe = state.probe
-    module._prompt_cache, module._text_cache = state.prompt_cache, state.text_cache
-    if state.probe is not None and images is not None and hasattr(state.probe, "set_batch"):
-        state.probe.set_batch(center_foreground(images.shape[0], module.spec.num_patches).to(images.device), None)
-    try:
-        yield
-    finally:
-        module.speed, module.attention_probe, module._prompt_cache, module._text_cache = saved
+    """Run ``module`` as ``state`` says; restores the module's own options, probe and caches.
+
+    The probe is attached first (`PromptCLIPModule.probed` drops the module's cached text features),
+    then the path's own caches are swapped in, so a path keeps its cache from one call to the next."""
+    with ExitStack() as probe:
+        if state.probe is not None:
+            probe.enter_context(module.probed(state.probe))
+        saved = (module.speed, module._prompt_cache, module._text_cache)
+        module.speed = state.options
+        module._prompt_cache, module._text_cache = state.prompt_cache, state.text_cache
+        if state.probe is not None and images is not None and hasattr(state.probe, "set_batch"):
+            state.probe.set_batch(center_foreground(images.shape[0], module.spec.num_patches).to(images.device), None)
+        try:
+            yield
+        finally:
+            module.speed, module._prompt_cache, module._text_cache = saved
 
 
 def make_paths(module: PromptCLIPModule) -> tuple[dict[str, PathState], str]:

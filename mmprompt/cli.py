@@ -8,11 +8,19 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import logging
 import os
 import sys
+import types
+import typing
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+import yaml
+from jsonargparse import Namespace
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -20,20 +28,22 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from .checkpoint_io import AtomicCheckpointIO, read_checkpoint
-from .commands import TOOLS, answer_without_imports
+from .commands import ALIASES, TOOLS, answer_without_imports
 from .data.datamodule import FewShotDataModule
 from .files import UnreadableFile
-from .guards import (checkpoint_model_options, check_config_files, error_text, init_defaults, is_global_rank_zero,
-                     refuse_reused_run_dir)
+from .guards import (checkpoint_model_options, check_config_files, config_paths, error_text, init_defaults,
+                     is_global_rank_zero, refuse_reused_run_dir)
 from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
 from .module import PromptCLIPModule
 from .predictions import PredictionWriter
 from .results import RESULTS_FILE
-from .run_config import absolute_path_options, with_checkpoint_config
+from .run_config import (absolute_path_options, ckpt_path_argument, current_init_args, refuse_renamed_options,
+                         with_checkpoint_config)
 from .run_logs import KeepEarlierRowsCSVLogger
 from .shipped import with_shipped_configs
 from .tables import write_json_atomic
 
+log = logging.getLogger(__name__)
 RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it launches inherit it
 # cli_main always passes the (rewritten) command line as ``args``: Lightning's warning about that is noise
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
@@ -52,6 +62,11 @@ def image_size_of(model_name: str) -> int:
         raise ValueError(f"unknown model.model_name {model_name!r}; see open_clip.list_models()")
     size = config["vision_cfg"]["image_size"]
     return size[0] if isinstance(size, (list, tuple)) else size
+
+
+def plain(value: Any) -> Any:
+    """A parsed option as the plain types a checkpoint stores (a class_path/init_args Namespace as a dict)."""
+    return value.as_dict() if isinstance(value, Namespace) else value
 
 
 def next_free_version(parent: Path) -> str:
@@ -118,12 +133,17 @@ class MMPromptCLI(LightningCLI):
         parser.add_argument("--compare_zero_shot", type=bool, default=False,
                             help="After fit, also test zero-shot CLIP (same backbone and classes) and print both.")
         parser.link_arguments("model.model_name", "data.image_size", compute_fn=image_size_of)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if "verbose" in parser.get_defaults():  # validate/test: our summary names base/new; Lightning's table can't
-            parser.set_defaults(verbose=False)
+            parser.set_defaults(verbose=False)  # (the stage's own arguments exist only after add_arguments_to_parser)
+        return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         if args is None or isinstance(args, list):
             check_config_files(sys.argv[1:] if args is None else args)
+            refuse_renamed_options(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
@@ -134,9 +154,11 @@ class MMPromptCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
+        saved = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        if isinstance(saved.get("adapter"), dict):  # written before the option renames: compare current names
+            saved["adapter"] = {**saved["adapter"], "init_args": current_init_args(saved["adapter"].get("init_args") or {})}
         model = self.config[subcommand].model
-        given = {key: model.get(key) for key in saved if key in model}
+        given = {key: plain(model.get(key)) for key in saved if key in model}
         updates = checkpoint_model_options(given, saved, init_defaults(self.model_class), ckpt_path)
         if updates:
             self.config = self.parser.parse_object({subcommand: {"model": updates}}, self.config)
@@ -263,6 +285,187 @@ def pretrain_main(argv: list[str]) -> PretrainCLI:
                        save_config_kwargs={"overwrite": True})
 
 
+class AnalysisCLI(MMPromptCLI):
+    """``mmprompt interventions`` / ``prompt-analysis``: MMPromptCLI's ``test`` (the same config loader,
+    image-size link, seed and ``--ckpt_path`` handling) of a finished run, writing only its analysis
+    callback's files into ``output_dir``: no new run folder, loggers, config.yaml or results.json."""
+
+    def __init__(self, *args: Any, output_dir: Path, trainer_options: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        self.output_dir, self.trainer_options = output_dir, dict(trainer_options or {})
+        super().__init__(*args, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        self.run_dir = self.output_dir
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        # no logger; Lightning's own checkpoint callback saves nothing in a test
+        kwargs.update(default_root_dir=str(self.output_dir), logger=False, **self.trainer_options)
+        return LightningCLI.instantiate_trainer(self, **kwargs)
+
+    def after_test(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"  written to: {self.output_dir}")
+
+
+#: the former command-line flags of the aliases, as LightningCLI options (and `batch_limit`)
+ALIAS_TRAINER_FLAGS = {"--accelerator": "--trainer.accelerator", "--devices": "--trainer.devices"}
+LIMIT_FLAG = "--limit_test_batches"
+ALIAS_OUTPUT_FLAGS = ("--out_dir", "--output_dir")
+ALLOW_NO_CHECKPOINT = "--allow_no_checkpoint"
+
+
+def import_object(class_path: str) -> Any:
+    module_name, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def takes_a_list(annotation: Any) -> bool:
+    """True for ``list[X]`` and ``list[X] | None``: such alias options take several values (``--modes a b``)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [member for member in typing.get_args(annotation) if member is not type(None)]
+        return all(typing.get_origin(member) is list for member in members)
+    return typing.get_origin(annotation) is list
+
+
+def callback_options(callback: type) -> dict[str, bool]:
+    """{init argument: takes a list} of an analysis callback: the alias's own options."""
+    hints = typing.get_type_hints(callback.__init__)
+    return {name: takes_a_list(hints.get(name)) for name in inspect.signature(callback).parameters}
+
+
+def batch_limit(text: str) -> int | float:
+    """Lightning's meaning: "2" is two batches, "0.5" half of them (``--trainer.limit_test_batches 1``
+    reaches the Trainer as 1.0, i.e. every batch: jsonargparse reads ``int | float`` as a float)."""
+    return int(text) if text.isdigit() else float(text)
+
+
+def split_flag(tokens: list[str], index: int) -> tuple[str, list[str], int]:
+    """The flag at ``index``, its values (``--x=v``, ``--x v`` or ``--x v1 v2 ...``) and the next index."""
+    flag, has_value, value = tokens[index].partition("=")
+    if has_value:
+        return flag, [value], index + 1
+    end = index + 1
+    while end < len(tokens) and not tokens[end].startswith("--"):
+        end += 1
+    return flag, tokens[index + 1:end], end
+
+
+@dataclass
+class AliasCommandLine:
+    """An alias's command line sorted out: its callback's options, its own, and `mmprompt test`'s."""
+
+    test_args: list[str] = field(default_factory=list)
+    init_args: dict[str, str] = field(default_factory=dict)
+    output_dir: Path | None = None
+    allow_missing: bool = False
+    trainer_options: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, flag: str, values: list[str], options: dict[str, bool], given: list[str]) -> None:
+        """One flag with its values; ``given`` is how it was written (``--x v`` or ``--x=v``)."""
+        name, rest = flag[2:], values[1:]
+        if flag == ALLOW_NO_CHECKPOINT:
+            self.allow_missing, rest = True, values
+        elif flag in ALIAS_OUTPUT_FLAGS and values:
+            self.output_dir = Path(values[0])
+        elif flag == LIMIT_FLAG and values:
+            self.trainer_options["limit_test_batches"] = batch_limit(values[0])
+        elif name in options and name != "output_dir" and values:
+            takes_list = options[name]
+            self.init_args[name] = "[" + ", ".join(values) + "]" if takes_list else values[0]
+            rest = [] if takes_list else values[1:]
+        else:  # an option of `mmprompt test`, as given; the former short flags renamed
+            self.test_args += [ALIAS_TRAINER_FLAGS.get(flag, flag) + given[0][len(flag):], *given[1:]]
+            rest = []
+        self.test_args += rest
+
+
+def read_alias_command_line(argv: list[str], options: dict[str, bool]) -> AliasCommandLine:
+    """Sort an alias's arguments (see `alias_test_args`); positional values stay with `mmprompt test`'s."""
+    command = AliasCommandLine()
+    index = 0
+    while index < len(argv):
+        if not argv[index].startswith("--"):
+            command.test_args.append(argv[index])
+            index += 1
+            continue
+        flag, values, after = split_flag(argv, index)
+        command.add(flag, values, options, argv[index:after])
+        index = after
+    return command
+
+
+def alias_test_args(class_path: str, argv: list[str]) -> tuple[list[str], Path, dict[str, Any]]:
+    """``mmprompt test`` arguments for an alias's command line, the folder its files go to, and the
+    Trainer options it sets itself (``--limit_test_batches``, see `batch_limit`).
+
+    The callback's init arguments are options (``--modes full bias_only``, ``--k 3``); ``--out_dir``
+    (or ``--output_dir``) is that folder, by default the run folder of the first ``--config`` or of
+    ``--ckpt_path``; every other option is ``mmprompt test``'s. Without ``--ckpt_path`` the run's
+    ``checkpoints/last.ckpt`` is tested (``--allow_no_checkpoint``: the untrained adapter if none).
+    The run's own callbacks are replaced by the alias's one.
+    """
+    command = read_alias_command_line(argv, callback_options(import_object(class_path)))
+    passed = command.test_args
+    config = next((Path(c) for c in config_paths(passed) if Path(c).is_file()), None)
+    ckpt_path = ckpt_path_argument(passed)
+    if ckpt_path is None and config is not None:
+        ckpt_path = default_checkpoint(config, command.allow_missing)
+        passed += ["--ckpt_path", ckpt_path] if ckpt_path else []
+    output_dir = command.output_dir or run_folder_of(config, ckpt_path)
+    callback = [{"class_path": class_path, "init_args": {"output_dir": str(output_dir)}}]
+    extra = [arg for name, value in command.init_args.items() for arg in (f"--trainer.callbacks.init_args.{name}", value)]
+    args = ["test", *passed, "--trainer.callbacks", yaml.safe_dump(callback, default_flow_style=True), *extra]
+    return args, output_dir, command.trainer_options
+
+
+def run_folder_of(config: Path | None, ckpt_path: str | None) -> Path:
+    """The run folder an alias analyses: the folder of its config.yaml, else of its checkpoint."""
+    if config is not None:
+        return config.parent
+    if ckpt_path is not None and ckpt_path not in ("last", "best"):
+        folder = Path(ckpt_path).parent
+        return folder.parent if folder.name == "checkpoints" else folder
+    raise ValueError("give --config RUN/config.yaml (the run's saved config) or --ckpt_path RUN/checkpoints/last.ckpt")
+
+
+def default_checkpoint(config_path: Path, allow_missing: bool = False) -> str | None:
+    """``checkpoints/last.ckpt`` of the run folder holding the config. Without one the numbers would
+    be the untrained adapter's, so that is an error unless ``allow_missing`` (``--allow_no_checkpoint``)."""
+    path = config_path.parent / "checkpoints" / "last.ckpt"
+    if path.is_file():
+        return str(path)
+    if not allow_missing:
+        raise FileNotFoundError(
+            f"no --ckpt_path given and the run of --config {config_path} has no {path}: the results would be "
+            "the untrained adapter's; pass --ckpt_path, or --allow_no_checkpoint to evaluate it untrained"
+        )
+    log.warning("no --ckpt_path and no %s: evaluating the untrained adapter (--allow_no_checkpoint)", path)
+    return None
+
+
+def print_alias_help(alias: str) -> None:
+    class_path, description = ALIASES[alias]
+    callback = import_object(class_path)
+    options = " ".join(f"[--{name} ...]" for name in callback_options(callback) if name != "output_dir")
+    print(f"usage: mmprompt {alias} [--config RUN/config.yaml] [--ckpt_path CKPT] [--out_dir DIR] "
+          f"[--allow_no_checkpoint] [--limit_test_batches N] {options} [any `mmprompt test` option]\n")
+    print(f"{description}.\nThe same as `mmprompt test --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt "
+          f"--trainer.callbacks '[{{class_path: {class_path}}}]'`, with the files written into the run folder "
+          "(or --out_dir) and no new run folder. --out_dir (alias --output_dir): the folder for the files.\n")
+    print(f"{callback.__name__}: {inspect.getdoc(callback)}")
+
+
+def analysis_main(alias: str, argv: list[str]) -> AnalysisCLI | None:
+    """``mmprompt interventions|prompt-analysis ...``: the alias's `mmprompt test` (see `alias_test_args`)."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print_alias_help(alias)
+        return None
+    args, output_dir, trainer_options = alias_test_args(ALIASES[alias][0], with_shipped_configs(argv))
+    return AnalysisCLI(PromptCLIPModule, FewShotDataModule, output_dir=output_dir, trainer_options=trainer_options,
+                       args=with_checkpoint_config(args), seed_everything_default=1,
+                       save_config_callback=None, auto_configure_optimizers=False)
+
+
 def run_loggers(out_dir: str, name: str, version: str, user_loggers: Any) -> list[Logger]:
     """CSV + TensorBoard in the run folder, then the user's own loggers (W&B, MLflow, ...) added to them.
 
@@ -314,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] in TOOLS:
             return run_tool(argv[0], argv[1:])
+        if argv[0] in ALIASES:
+            analysis_main(argv[0], argv[1:])
+            return 0
         if argv[0] == "pretrain":
             pretrain_main(argv[1:])
             return 0

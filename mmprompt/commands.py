@@ -17,8 +17,12 @@ TOOLS: dict[str, tuple[str, str]] = {
     "check-data": ("mmprompt.data.check", "check a dataset tree before training"),
     "make-split": ("mmprompt.data.custom", "write a split file from a class-per-folder tree"),
     "export": ("mmprompt.export", "adapter-only safetensors + JSON; bias methods also as a plain open_clip model"),
-    "interventions": ("mmprompt.analysis.interventions", "evaluate a checkpoint under every route intervention"),
-    "prompt-analysis": ("mmprompt.analysis.prompts", "nearest words of text prompts; vision prompts vs fg/bg patches"),
+}
+#: short aliases: ``mmprompt test`` of a finished run with one analysis callback (class_path), written
+#: into that run's folder (`mmprompt.cli.analysis_main`)
+ALIASES: dict[str, tuple[str, str]] = {
+    "interventions": ("mmprompt.analysis.InterventionTable", "test a run under every route intervention: one table"),
+    "prompt-analysis": ("mmprompt.analysis.PromptAnalysis", "nearest words of text prompts; vision prompts vs fg/bg patches"),
 }
 
 
@@ -26,8 +30,8 @@ def print_top_level_help() -> None:
     print(f"mmprompt {__version__}: prompt and bias adapters for a frozen CLIP\n")
     print("usage: mmprompt {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]")
     print("       mmprompt pretrain --config configs/pretrain/world.yaml   (pretrain a tiny CLIP on the captioned world)")
-    print("       mmprompt {" + ",".join(TOOLS) + "} [options]\n")
-    for command, (_, description) in TOOLS.items():
+    print("       mmprompt {" + ",".join([*TOOLS, *ALIASES]) + "} [options]\n")
+    for command, (_, description) in {**TOOLS, **ALIASES}.items():
         print(f"  {command:<14} {description}")
     print("\nLightning stages: fit, validate, test, predict; `mmprompt fit --help` lists every option.")
     print("--config takes a file or a shipped config by name: demo, tiny, methods/maple, datasets/eurosat, ...")

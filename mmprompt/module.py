@@ -6,7 +6,8 @@ import functools
 import logging
 import random
 import warnings
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -78,6 +79,29 @@ def build_adapter(config: dict[str, Any]) -> Adapter:
     return adapter_class(**config.get("init_args", {}))
 
 
+@runtime_checkable
+class ObservingProbe(Protocol):
+    """A probe that only records: ``observe`` sees an attention call and changes nothing, so it can
+    share a run with a probe that does change the output (e.g. statistics under an intervention)."""
+
+    def observe(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, site: Any) -> None: ...
+
+
+def stacked_attend(probes: Sequence[AttendFn], base: AttendFn) -> AttendFn:
+    """Several attached probes as one AttendFn: every `ObservingProbe` observes each call, and the
+    output comes from the most recently attached other probe, else from ``base``."""
+    observers = [probe for probe in probes if isinstance(probe, ObservingProbe)]
+    producers = [probe for probe in probes if not isinstance(probe, ObservingProbe)]
+    output = producers[-1] if producers else base
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, site: Any) -> Tensor:
+        for observer in observers:
+            observer.observe(q, k, v, attn_mask, site)
+        return output(q, k, v, attn_mask, site)
+
+    return attend
+
+
 def qualified_name(obj: object) -> str:
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -131,8 +155,7 @@ class PromptCLIPModule(L.LightningModule):
         self.adapter = adapter
         adapter.build(BuildContext(self.spec, self._embed_words))
         self.optimizer_factory = optimizer
-        #: set by analysis callbacks to record or intervene in attention; None uses ``attention``
-        self.attention_probe: AttendFn | None = None
+        self._probes: list[AttendFn] = []  # attached by `probed` / `attach_probe`, in order
         self._class_sets: dict[str, list[ClassSet]] = {}
         self._prompt_cache: dict[tuple[ClassSet, torch.device], tuple[TokenizedPrompts, int]] = {}
         self._text_cache: dict[ClassSet, Tensor] = {}
@@ -163,11 +186,55 @@ class PromptCLIPModule(L.LightningModule):
         self.clip.eval()
         return self
 
+    # ------------------------------------------------------------------ attention probes (analysis)
+
+    @contextmanager
+    def probed(self, probe: AttendFn) -> Iterator[AttendFn]:
+        """``with module.probed(probe): ...`` routes every attention call through ``probe``.
+
+        Probes nest: an inner one is stacked on the outer (see `attach_probe`). On leaving, even by an
+        exception, the probe is detached and the text features computed through it are dropped.
+        """
+        self.attach_probe(probe)
+        try:
+            yield probe
+        finally:
+            self.detach_probe(probe)
+
+    def attach_probe(self, probe: AttendFn) -> None:
+        """Attach ``probe`` until `detach_probe` (for callbacks that span two Lightning hooks).
+
+        With several attached, the probes that only observe (`ObservingProbe`) all see every call
+        and the latest other probe gives the output. Cached text features are dropped, so the text
+        tower runs through the probe too.
+        """
+        self._probes.append(probe)
+        self._text_cache.clear()
+
+    def detach_probe(self, probe: AttendFn) -> None:
+        """Detach a probe attached earlier (in any order) and drop text features computed through it."""
+        if not any(attached is probe for attached in self._probes):
+            raise ValueError(f"detach_probe: {probe!r} is not attached to this module")
+        self._probes = [attached for attached in self._probes if attached is not probe]
+        self._text_cache.clear()
+
+    @property
+    def attention_probe(self) -> AttendFn | None:
+        """The attached probes as one AttendFn (the probe itself when there is one); None without any."""
+        if not self._probes:
+            return None
+        if len(self._probes) == 1:
+            return self._probes[0]
+        return stacked_attend(self._probes, self._plain_attend)
+
+    @property
+    def _plain_attend(self) -> AttendFn:
+        return fused_attention if self.speed.attention == "fused" else softmax_attention
+
     @property
     def attend(self) -> AttendFn:
-        if self.attention_probe is not None:
-            return self.attention_probe
-        return fused_attention if self.speed.attention == "fused" else softmax_attention
+        probe = self.attention_probe
+        return probe if probe is not None else self._plain_attend
 
     @property
     def _shortcuts(self) -> EncoderOptions:

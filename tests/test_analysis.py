@@ -267,16 +267,15 @@ def test_accumulators_add_up_across_ranks():
 # ----------------------------------------------------------------------------- on the tiny model
 
 
-@pytest.mark.parametrize("adapter", [MaPLe(depth=4), BiasTuning(layers=4), ZeroShot()], ids=["maple", "bias", "zs"])
+@pytest.mark.parametrize("adapter", [MaPLe(depth=4), BiasTuning(depth=4), ZeroShot()], ids=["maple", "bias", "zs"])
 def test_recording_leaves_logits_unchanged(adapter, images):
     module = make_module(adapter)
     with torch.no_grad():
         plain = module(images, CLASSES)
         probe = StatisticsProbe(AttentionAccumulator.zeros(module.spec))
         probe.set_batch(torch.rand(3, 64) > 0.5, torch.ones(3, dtype=torch.bool))
-        module.attention_probe, _ = probe, module._text_cache.clear()
-        recorded = module(images, CLASSES)
-        module.attention_probe = None
+        with module.probed(probe):
+            recorded = module(images, CLASSES)
     assert torch.allclose(recorded, plain, **TOL)
     summary = probe.accumulator.summary()
     assert summary["vision"]["images"] == [3] * 12 and summary["text"]["sequences"] == [3] * 12
@@ -287,7 +286,7 @@ def test_recording_leaves_logits_unchanged(adapter, images):
         assert cls_mass.abs().max() == 0  # no prompts: λ = 0 and Ā is the attention itself
 
 
-@pytest.mark.parametrize("adapter", [BiasTuning(layers=4, init_std=0.5), ZeroShot()], ids=["bias", "zs"])
+@pytest.mark.parametrize("adapter", [BiasTuning(depth=4, init_std=0.5), ZeroShot()], ids=["bias", "zs"])
 def test_interventions_are_identity_without_prompts(adapter, images):
     module = make_module(adapter)
     targets = target_layers(module.spec, "both", "all")
@@ -296,10 +295,70 @@ def test_interventions_are_identity_without_prompts(adapter, images):
         mean_bias = estimate_mean_bias(module, [[{"image": images}]], targets)
         assert all(bias.abs().max() == 0 for bias in mean_bias.values()) and len(mean_bias) == 24
         for mode in MODES:
-            module.attention_probe = InterventionProbe(mode, targets, mean_bias)
-            module._text_cache.clear()
-            assert torch.allclose(module(images, CLASSES), plain, **TOL), mode
-    module.attention_probe = None
+            with module.probed(InterventionProbe(mode, targets, mean_bias)):
+                assert torch.allclose(module(images, CLASSES), plain, **TOL), mode
+
+
+class CallCounter:
+    """A probe that counts attention calls per tower and returns the fused output."""
+
+    def __init__(self) -> None:
+        self.calls = {"text": 0, "vision": 0}
+
+    def __call__(self, q, k, v, attn_mask, site):
+        self.calls[site.tower] += 1
+        return fused_attention(q, k, v, attn_mask, site)
+
+
+def test_probed_nests_restores_on_errors_and_recomputes_text_features(maple, images):
+    """The public probe API: text features cached before are not reused (the text tower runs through
+    the probe), probes stack and come off in any order, an exception still detaches."""
+    outer, inner = CallCounter(), CallCounter()
+    with torch.no_grad():
+        maple(images, CLASSES)  # text features cached
+        with maple.probed(outer) as attached:
+            assert attached is outer and maple.attention_probe is outer
+            maple(images, CLASSES)
+            maple(images, CLASSES)  # cached again, now through the probe: text runs once
+            assert outer.calls == {"text": 12, "vision": 24}
+            with maple.probed(inner):
+                maple(images, CLASSES)
+            assert inner.calls == {"text": 12, "vision": 12}  # the latest probe gives the output
+            assert outer.calls == {"text": 12, "vision": 24}  # counting is not observing: it was set aside
+            assert maple.attention_probe is outer
+        assert maple.attention_probe is None
+        with pytest.raises(RuntimeError, match="boom"), maple.probed(outer):
+            raise RuntimeError("boom")
+        assert maple.attention_probe is None
+        maple.attach_probe(outer)
+        maple.attach_probe(inner)
+        maple.detach_probe(outer)  # hooks of two callbacks end in any order
+        assert maple.attention_probe is inner
+        maple.detach_probe(inner)
+    with pytest.raises(ValueError, match="is not attached"):
+        maple.detach_probe(inner)
+
+
+def test_observers_record_while_an_intervention_gives_the_output(maple, images):
+    """A StatisticsProbe stacked on an intervention records the intervened model and changes nothing:
+    under no_prompts in every vision layer, the [cls] attention of the model without vision prompts."""
+    targets = target_layers(maple.spec, "vision", "all")
+    zero_shot = make_module(ZeroShot())  # the same backbone (seed 0)
+    foreground = torch.rand(3, 64, generator=torch.Generator().manual_seed(2)) > 0.5
+    recorded = {}
+    with torch.no_grad():
+        alone = encode_image(maple.clip, images, maple.adapter.vision_injection(), InterventionProbe("no_prompts", targets))
+        for name, module, probes in (("zs", zero_shot, []), ("intervened", maple, [InterventionProbe("no_prompts", targets)])):
+            statistics = StatisticsProbe(AttentionAccumulator.zeros(module.spec))
+            statistics.set_batch(foreground, None)
+            for probe in [*probes, statistics]:
+                module.attach_probe(probe)
+            features = module.image_features(images)
+            for probe in [*probes, statistics]:
+                module.detach_probe(probe)
+            recorded[name] = torch.tensor(statistics.accumulator.summary()["vision"]["fg_ratio"])
+    assert torch.allclose(features, torch.nn.functional.normalize(alone.float(), dim=-1), **TOL)
+    assert torch.allclose(recorded["intervened"], recorded["zs"], atol=1e-4)
 
 
 def test_full_mode_equals_normal_logits_and_other_modes_change_them(maple, images):
@@ -308,11 +367,8 @@ def test_full_mode_equals_normal_logits_and_other_modes_change_them(maple, image
         plain = maple(images, CLASSES)
         logits = {}
         for mode in ("full", "no_prompts", "attention_only", "bias_only"):
-            maple.attention_probe = InterventionProbe(mode, targets)
-            maple._text_cache.clear()
-            logits[mode] = maple(images, CLASSES)
-        maple.attention_probe = None
-        maple._text_cache.clear()
+            with maple.probed(InterventionProbe(mode, targets)):
+                logits[mode] = maple(images, CLASSES)
     assert torch.allclose(logits["full"], plain, **TOL)
     for mode in ("no_prompts", "attention_only", "bias_only"):
         assert (logits[mode] - plain).abs().max() > 1e-3, mode
@@ -371,7 +427,7 @@ def test_nearest_words_of_the_initial_context_are_its_words():
 
 
 def test_vision_prompt_similarity_compares_foreground_and_background():
-    module = make_module(VPTDeep(n_prompts=2, depth=3))
+    module = make_module(VPTDeep(n_ctx=2, depth=3))
     mask = torch.zeros(2, 64, 64)
     mask[:, :32] = 1.0
     batch = {"image": torch.randn(2, 3, 64, 64), "mask": mask, "has_mask": torch.tensor([True, True])}

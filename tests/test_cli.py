@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from data_fakes import FAKES, make_fake
 
 from mmprompt.checkpoint_io import AtomicCheckpointIO
@@ -18,7 +19,11 @@ CONFIGS = REPO / "configs"
 METHODS = [CONFIGS / info.config for info in methods()]  # = configs/methods/*.yaml (tests/test_registries.py)
 DATASETS = sorted((CONFIGS / "datasets").glob("*.yaml"))
 PROTOCOLS = sorted((CONFIGS / "protocols").glob("*.yaml"))
+ANALYSES = sorted((CONFIGS / "analysis").glob("*.yaml"))
 TINY = str(CONFIGS / "tiny.yaml")
+#: the file each analysis config's callback writes into the run folder
+ANALYSIS_OUTPUT = {"attention": "attention_stats.json", "interventions": "interventions.csv",
+                   "prompts": "prompt_words.csv"}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +96,62 @@ def test_every_fake_dataset_has_a_config():
     assert set(FAKES) <= configured
 
 
+@pytest.mark.parametrize("analysis", ANALYSES, ids=lambda p: p.stem)
+def test_every_analysis_config_runs_inside_mmprompt_test(analysis, data_root, tmp_path):
+    cli = cli_main(["test", "--config", str(CONFIGS / "demo.yaml"), "--config", str(analysis),
+                    *quick_args(data_root, tmp_path)])
+    shipped = yaml.safe_load(analysis.read_text())["trainer"]["callbacks"]
+    assert [type(c).__name__ for c in cli.trainer.callbacks if type(c).__module__.startswith("mmprompt.analysis")] \
+        == [callback["class_path"].rsplit(".", 1)[-1] for callback in shipped]
+    written = list(tmp_path.rglob(ANALYSIS_OUTPUT[analysis.stem]))
+    assert len(written) == 1 and written[0].stat().st_size > 0
+
+
+def test_every_shipped_config_is_loaded_by_a_test():
+    """A config no test loads can rot unseen: each one runs above, or in tests/test_pretrain.py."""
+    pretrain = {CONFIGS / "pretrain" / "world.yaml", CONFIGS / "pretrain" / "world_quick.yaml"}  # RECIPE, QUICK
+    loaded = {*METHODS, *DATASETS, *PROTOCOLS, *ANALYSES, CONFIGS / "demo.yaml", CONFIGS / "tiny.yaml", *pretrain}
+    assert sorted(set(CONFIGS.rglob("*.yaml")) - loaded) == []
+
+
+def test_former_adapter_option_names_are_refused_naming_the_new_one(data_root, tmp_path, capsys):
+    """One vocabulary: depth = layers 0..depth-1, layers = 0-based indices, n_ctx = prompt tokens."""
+    from mmprompt.adapters import BiasTuning
+
+    base = ["fit", "--config", str(CONFIGS / "demo.yaml"), "--data.root", str(data_root), "--out_dir", str(tmp_path),
+            "--trainer.fast_dev_run", "1", "--trainer.enable_progress_bar", "false"]
+    vpt = ["--config", str(CONFIGS / "methods" / "vpt_deep.yaml")]
+    assert main([*base, *vpt, "--model.adapter.init_args.n_prompts", "4"]) == 2
+    assert "--model.adapter.init_args.n_prompts: model.adapter.init_args.n_prompts is now n_ctx" in capsys.readouterr().err
+    old_bias = tmp_path / "old_bias.yaml"
+    old_bias.write_text("model:\n  adapter:\n    class_path: mmprompt.adapters.BiasTuning\n"
+                        "    init_args: {layers: 9, branches: both}\n")
+    assert main([*base, "--config", str(old_bias)]) == 2
+    error = capsys.readouterr().err
+    assert f"--config {old_bias}: model.adapter.init_args.layers=9 is now depth" in error
+    assert "model.adapter.init_args.branches is now branch" in error and "0-based layer indices" in error
+    assert main([*base, "--config", str(CONFIGS / "methods" / "ivlp.yaml"), "--model.adapter.init_args.n_vision=3"]) == 2
+    assert "is now n_ctx_vision" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"layers=3 is a count, but layers takes 0-based layer indices .* use depth: 3"):
+        BiasTuning(layers=3)
+    # an index list under layers is current; a list of one layer is a list
+    cli = cli_main([*base, "--config", str(CONFIGS / "methods" / "bias.yaml"), "--model.adapter.init_args.layers",
+                    "[2]"])
+    assert cli.model.adapter.layer_indices == {"text": [2], "vision": [2]}
+
+
+def test_checkpoints_written_before_the_renames_are_read_with_the_new_names(tmp_path):
+    import torch
+
+    from mmprompt.run_config import config_from_checkpoint
+
+    adapter = {"class_path": "mmprompt.adapters.BiasTuning", "init_args": {"layers": 4, "branches": "vision"}}
+    old = {"state_dict": {}, "hyper_parameters": {"adapter": adapter, "model_name": "x"}}
+    torch.save(old, tmp_path / "old.ckpt")
+    assert config_from_checkpoint(tmp_path / "old.ckpt")["model"]["adapter"]["init_args"] == \
+        {"depth": 4, "branch": "vision"}
+
+
 def _fit(root: Path, out: Path, version: str, *extra: str) -> dict:
     cli_main(["fit", "--config", str(CONFIGS / "demo.yaml"), "--data.root", str(root), "--out_dir", str(out),
               "--version", version, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
@@ -147,7 +208,7 @@ def test_checkpoint_from_another_adapter_is_a_clear_error(data_root, tmp_path, c
     _fit(data_root, tmp_path, "maple", "--trainer.max_epochs", "1")
     checkpoint = tmp_path / "demo" / "maple" / "checkpoints" / "last.ckpt"
     status = main(["test", "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "methods" / "bias.yaml"),
-                   "--model.adapter.init_args.layers", "9", "--data.root", str(data_root), "--out_dir", str(tmp_path),
+                   "--model.adapter.init_args.depth", "9", "--data.root", str(data_root), "--out_dir", str(tmp_path),
                    "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]", "--ckpt_path", str(checkpoint)])
     assert status == 2
     assert "checkpoint does not match the model: adapter: checkpoint 'mmprompt.adapters.maple.MaPLe'" in \

@@ -47,7 +47,7 @@ def test_counts_follow_the_backbone_widths():
     """mmprompt-tiny-wide has text width 32, vision width 96, 4 layers: nothing is hard-coded."""
     module = PromptCLIPModule(MaPLe(n_ctx=2, depth=3), model_name="mmprompt-tiny-wide", pretrained=None)
     assert module.adapter.num_trainable_parameters() == 3 * 2 * 32 + 3 * (32 * 96 + 96)
-    bias = PromptCLIPModule(BiasTuning(layers=[1, 3], branches="vision"), model_name="mmprompt-tiny-wide",
+    bias = PromptCLIPModule(BiasTuning(layers=[1, 3], branch="vision"), model_name="mmprompt-tiny-wide",
                             pretrained=None)
     assert bias.adapter.num_trainable_parameters() == 2 * 96
     with pytest.raises(ValueError, match="depth=9 is out of range: the (text|vision) tower has 4 layers"):
@@ -72,7 +72,7 @@ def test_maple_starts_from_a_photo_and_keeps_the_suffix_frozen(classes):
     assert torch.allclose(vision.prompts[0], module.adapter.projections[0](module.adapter.text.context))
 
 
-@pytest.mark.parametrize("adapter", [BiasTuning(layers=5, placement="both"), CoupledBiasTuning(layers=4)],
+@pytest.mark.parametrize("adapter", [BiasTuning(depth=5, placement="both"), CoupledBiasTuning(depth=4)],
                          ids=["independent", "coupled"])
 def test_zero_initialised_bias_equals_zero_shot_exactly(adapter, classes):
     torch.manual_seed(0)
@@ -100,9 +100,9 @@ def test_zero_shot_ensemble_averages_normalised_template_features(classes):
 
 ALL_ADAPTERS = [
     lambda: CoOp(n_ctx=4), lambda: CoOp(n_ctx=4, ctx_init="a photo of a"), lambda: CoCoOp(),
-    lambda: VPTDeep(n_prompts=4, depth=6), lambda: TextDeep(depth=6), lambda: IVLP(depth=6), lambda: MaPLe(depth=6),
-    lambda: BiasTuning(layers=6), lambda: BiasTuning(layers=[0, 5], placement="mlp", branches="vision"),
-    lambda: CoupledBiasTuning(layers=6), lambda: LoRA(),
+    lambda: VPTDeep(n_ctx=4, depth=6), lambda: TextDeep(depth=6), lambda: IVLP(depth=6), lambda: MaPLe(depth=6),
+    lambda: BiasTuning(depth=6), lambda: BiasTuning(layers=[0, 5], placement="mlp", branch="vision"),
+    lambda: CoupledBiasTuning(depth=6), lambda: LoRA(),
 ]
 
 

@@ -94,7 +94,7 @@ def test_text_features_are_computed_once_per_evaluation(tmp_path, synthetic_root
 
 
 def test_frozen_text_side_is_encoded_once_per_training_run(tmp_path, synthetic_root, monkeypatch):
-    module = PromptCLIPModule(VPTDeep(n_prompts=2, depth=3), model_name=TINY, pretrained=None)
+    module = PromptCLIPModule(VPTDeep(n_ctx=2, depth=3), model_name=TINY, pretrained=None)
     calls = _count_text_passes(monkeypatch)
     _trainer(tmp_path, limit_val_batches=0).fit(module, datamodule=_datamodule(synthetic_root))
     assert len(calls) == 1
@@ -132,7 +132,7 @@ def test_loading_another_adapters_checkpoint_says_what_differs(tmp_path, synthet
     trainer.fit(module, datamodule=_datamodule(synthetic_root))
     path = tmp_path / "maple.ckpt"
     trainer.save_checkpoint(path)
-    other = PromptCLIPModule(BiasTuning(layers=3), model_name=TINY, pretrained=None)
+    other = PromptCLIPModule(BiasTuning(depth=3), model_name=TINY, pretrained=None)
     with pytest.raises(ValueError, match=r"adapter: checkpoint 'mmprompt.adapters.maple.MaPLe', this model "
                                          r"'mmprompt.adapters.bias.BiasTuning'"):
         _trainer(tmp_path).test(other, datamodule=_datamodule(synthetic_root), ckpt_path=str(path))
@@ -170,7 +170,7 @@ def test_bf16_mixed_precision_trains(tmp_path, synthetic_root):
 
 
 def test_image_size_mismatch_is_reported(tmp_path, synthetic_root):
-    module = PromptCLIPModule(BiasTuning(layers=2), model_name=TINY, pretrained=None)
+    module = PromptCLIPModule(BiasTuning(depth=2), model_name=TINY, pretrained=None)
     with pytest.raises(ValueError, match=r"data.image_size=224 but model 'mmprompt-tiny' takes 64px"):
         _trainer(tmp_path).test(module, datamodule=_datamodule(synthetic_root, image_size=224))
 
@@ -205,7 +205,7 @@ def test_predict_returns_probabilities_over_each_test_class_set(tmp_path, synthe
 
 def test_train_val_and_test_accuracies_share_one_unit_percent(tmp_path, synthetic_root, monkeypatch):
     monkeypatch.setattr("torchmetrics.classification.MulticlassAccuracy.compute", lambda self: torch.tensor(0.25))
-    module = PromptCLIPModule(BiasTuning(layers=2), model_name=TINY, pretrained=None)
+    module = PromptCLIPModule(BiasTuning(depth=2), model_name=TINY, pretrained=None)
     trainer = _trainer(tmp_path, limit_test_batches=1)
     trainer.fit(module, datamodule=_datamodule(synthetic_root))
     assert float(trainer.logged_metrics["train/acc"]) == pytest.approx(25.0)

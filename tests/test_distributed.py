@@ -22,7 +22,7 @@ from mmprompt.launch import slurm_version
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 DEMO = str(CONFIGS / "demo.yaml")
-ANALYSIS_CONFIGS = sorted((CONFIGS / "analysis").glob("*.yaml"))
+ANALYSIS_CONFIGS = sorted((CONFIGS / "analysis").glob("attention*.yaml"))  # statistics + overlays
 PRIME_TEST_SET = 13
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 

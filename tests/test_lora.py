@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from mmprompt.adapters import Adapter, BuildContext, LoRA, ZeroShot
 from mmprompt.analysis import AttentionAccumulator, InterventionProbe, StatisticsProbe, estimate_mean_bias
-from mmprompt.analysis.interventions import MODES, has_prompts, target_layers
+from mmprompt.analysis.interventions import MODES, target_layers
 from mmprompt.data import FewShotDataModule
 from mmprompt.data.protocol import ClassSet
 from mmprompt.encoders import encode_image, encode_text, tokenize_prompts
@@ -65,7 +65,7 @@ def test_parameter_count_on_vit_b16_by_hand(vit_b16):
 
 
 def test_options_choose_towers_layers_and_projections():
-    wide = PromptCLIPModule(LoRA(rank=4, projections=["v", "out", "fc"], layers=[1, 3], branches="vision"),
+    wide = PromptCLIPModule(LoRA(rank=4, projections=["v", "out", "fc"], layers=[1, 3], branch="vision"),
                             model_name="mmprompt-tiny-wide", pretrained=None)
     vision = 96  # mmprompt-tiny-wide: vision width 96, MLP 384
     assert wide.adapter.num_trainable_parameters() == 2 * 4 * (2 * vision + 2 * vision + (vision + 4 * vision))
@@ -74,8 +74,10 @@ def test_options_choose_towers_layers_and_projections():
         LoRA(projections=["q", "o"])
     with pytest.raises(ValueError, match="rank must be >= 1"):
         LoRA(rank=0)
-    with pytest.raises(ValueError, match="layers=9 is out of range: the text tower has 4 layers"):
-        PromptCLIPModule(LoRA(layers=9), model_name="mmprompt-tiny-wide", pretrained=None)
+    with pytest.raises(ValueError, match="depth=9 is out of range: the text tower has 4 layers"):
+        PromptCLIPModule(LoRA(depth=9), model_name="mmprompt-tiny-wide", pretrained=None)
+    with pytest.raises(ValueError, match="layers=9 is a count.*use depth: 9"):
+        LoRA(layers=9)
 
 
 def test_init_follows_loralib_and_the_official_scale():
@@ -184,7 +186,7 @@ def test_a_short_fit_on_synthetic_data_lowers_the_loss(synthetic_root, tmp_path)
 
 def test_no_prompt_mass_and_every_intervention_is_the_identity(images):
     module = tiny_module(std=0.2)
-    assert not has_prompts(module, "both")
+    assert module.adapter.text_injection().num_prompts == module.adapter.vision_injection().num_prompts == 0
     targets = target_layers(module.spec, "both", "all")
     with torch.no_grad():
         plain = module(images, CLASSES)
@@ -195,10 +197,8 @@ def test_no_prompt_mass_and_every_intervention_is_the_identity(images):
         assert len(mean_bias) == 24 and all(bias.abs().max() == 0 for bias in mean_bias.values())
         probes.update({mode: InterventionProbe(mode, targets, mean_bias) for mode in MODES})
         for name, probe in probes.items():
-            module.attention_probe = probe
-            module.on_test_epoch_start()  # a new evaluation: text features recomputed under the probe
-            assert torch.allclose(module(images, CLASSES), plain, atol=1e-5, rtol=1e-4), name
-        module.attention_probe = None
+            with module.probed(probe):  # text features are recomputed under the probe
+                assert torch.allclose(module(images, CLASSES), plain, atol=1e-5, rtol=1e-4), name
     summary = recorder.accumulator.summary()
     assert summary["vision"]["images"] == [3] * 12
     assert torch.tensor(summary["vision"]["prompt_mass"]).abs().max() == 0  # λ = 0: no prompt tokens

@@ -146,7 +146,8 @@ def test_checkpoint_alone_is_enough_to_test_from_any_folder(trained_run, tmp_pat
     monkeypatch.chdir(tmp_path)
     cli = cli_main(["test", "--ckpt_path", str(trained_run / "checkpoints" / "last.ckpt"), "--out_dir", "elsewhere",
                     "--trainer.enable_progress_bar", "false"])
-    assert cli.model.adapter.init_args == {"layers": 9, "branches": "both", "placement": "both", "init_std": 0.5}
+    assert cli.model.adapter.init_args == {"depth": 9, "layers": None, "branch": "both", "placement": "both",
+                                           "init_std": 0.5}
     trained = json.loads((trained_run / "results.json").read_text())["metrics"]
     tested = json.loads((tmp_path / "elsewhere" / "BiasTuning-synthetic" / "version_0" / "results.json").read_text())
     assert tested["metrics"] == trained and tested["dataset"] == "synthetic"
@@ -157,7 +158,7 @@ def test_load_from_checkpoint_needs_no_argument_and_warns_about_nothing(trained_
     checkpoint = torch.load(path, weights_only=True)
     described = checkpoint["mmprompt"]
     assert described["adapter_config"] == {"class_path": "mmprompt.adapters.BiasTuning", "init_args": {
-        "layers": 9, "branches": "both", "placement": "both", "init_std": 0.5}}
+        "depth": 9, "layers": None, "branch": "both", "placement": "both", "init_std": 0.5}}
     assert (described["model_name"], described["pretrained"], described["version"]) == ("mmprompt-tiny", "synthetic-world", "0.1.0")
     assert [c["name"] for c in described["class_sets"]["test"]] == ["base", "new"]
     assert described["class_sets"]["test"][1]["classnames"][:2] == ["ring", "hexagon"]
@@ -190,8 +191,8 @@ def _randomised(adapter, model_name: str = "mmprompt-tiny") -> PromptCLIPModule:
     return module.eval()
 
 
-@pytest.mark.parametrize("adapter", [BiasTuning(placement="both"), BiasTuning(layers=[0, 2], branches="vision",
-                         placement="mlp"), CoupledBiasTuning(layers=3, placement="both")], ids=["both", "vision-mlp",
+@pytest.mark.parametrize("adapter", [BiasTuning(placement="both"), BiasTuning(layers=[0, 2], branch="vision",
+                         placement="mlp"), CoupledBiasTuning(depth=3, placement="both")], ids=["both", "vision-mlp",
                          "coupled"])
 def test_bias_methods_fold_into_a_plain_open_clip_checkpoint_with_equal_logits(adapter, tmp_path):
     module = _randomised(adapter)

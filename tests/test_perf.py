@@ -159,8 +159,7 @@ def test_a_probe_sees_the_plain_call_pattern():
         calls.append((site.tower, site.layer, q.shape[0], q.shape[2]))
         return softmax_attention(q, k, v, mask, site)
 
-    module.attention_probe = probe
-    with torch.no_grad():
+    with torch.no_grad(), module.probed(probe):
         module(torch.randn(2, 3, 64, 64), CLASSES)
     text = [c for c in calls if c[0] == "text"]
     vision = [c for c in calls if c[0] == "vision"]

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 
 from ..encoders import Injection
 from ..methods import register_method
-from .base import Adapter, BuildContext, select_layers
+from .base import Adapter, BuildContext, check_layers_option, select_layers
 
-Branches = Literal["both", "text", "vision"]
+Branch = Literal["both", "text", "vision"]
 Placement = Literal["attn", "mlp", "both"]
 
 
@@ -37,18 +37,20 @@ class BiasTuning(Adapter):
     """Independent bias tuning.
 
     Args:
-        layers: a count J (layers 0..J-1) or an explicit list of layer indices.
-        branches: which towers get biases: "both", "text" or "vision".
+        depth: biased layers 0..depth-1 in each chosen tower.
+        layers: 0-based layer indices instead of ``depth`` (e.g. [0, 5]); null: use ``depth``.
+        branch: which towers get biases: "both", "text" or "vision".
         placement: after the attention ("attn"), after the MLP ("mlp"), or "both".
         init_std: 0 (default) starts as zero-shot CLIP; > 0 draws N(0, init_std).
     """
 
-    def __init__(self, layers: int | list[int] = 9, branches: Branches = "both", placement: Placement = "attn",
-                 init_std: float = 0.0) -> None:
+    def __init__(self, depth: int = 9, layers: list[int] | None = None, branch: Branch = "both",
+                 placement: Placement = "attn", init_std: float = 0.0) -> None:
         super().__init__()
-        if branches not in ("both", "text", "vision"):
-            raise ValueError(f"branches must be 'both', 'text' or 'vision', got {branches!r}")
-        self.layers, self.branches, self.placement, self.init_std = layers, branches, placement, init_std
+        if branch not in ("both", "text", "vision"):
+            raise ValueError(f"branch must be 'both', 'text' or 'vision', got {branch!r}")
+        check_layers_option(layers)
+        self.depth, self.layers, self.branch, self.placement, self.init_std = depth, layers, branch, placement, init_std
         self.places = places_of(placement)
 
     def build(self, context: BuildContext) -> None:
@@ -57,9 +59,9 @@ class BiasTuning(Adapter):
         self.layer_indices: dict[str, list[int]] = {}
         self.biases = nn.ParameterDict()
         for tower, (depth, width) in towers.items():
-            if self.branches not in ("both", tower):
+            if self.branch not in ("both", tower):
                 continue
-            self.layer_indices[tower] = select_layers(self.layers, depth, tower)
+            self.layer_indices[tower] = select_layers(self.depth, self.layers, depth, tower)
             for place in self.places:
                 self.biases[f"{tower}_{place}"] = nn.Parameter(
                     torch.randn(len(self.layer_indices[tower]), width) * self.init_std

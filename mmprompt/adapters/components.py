@@ -83,22 +83,22 @@ class TextPromptAdapter(Adapter):
 class VisionPromptStack(nn.Module):
     """Independent vision prompts for layers 0..depth-1, appended after the patch tokens."""
 
-    def __init__(self, n_prompts: int, depth: int, init: str = "normal") -> None:
+    def __init__(self, n_ctx: int, depth: int, init: str = "normal", option: str = "n_ctx") -> None:
         super().__init__()
-        if n_prompts < 1:
-            raise ValueError(f"n_prompts must be >= 1, got {n_prompts}")
+        if n_ctx < 1:
+            raise ValueError(f"{option} must be >= 1, got {n_ctx}")
         if init not in ("normal", "vpt"):
             raise ValueError(f"init must be 'normal' (N(0, 0.02)) or 'vpt' (VPT's uniform), got {init!r}")
-        self.n_prompts, self.depth, self.init = n_prompts, depth, init
+        self.n_ctx, self.depth, self.init = n_ctx, depth, init
 
     def build(self, context: BuildContext) -> None:
         spec = context.spec
         check_depth(self.depth, spec.vision_layers, "vision")
         if self.init == "vpt":  # VPT: uniform with the patch embedding's fan-in + width
             bound = math.sqrt(6.0 / (3 * spec.patch_size**2 + spec.vision_width))
-            self.prompts = nn.Parameter(torch.empty(self.depth, self.n_prompts, spec.vision_width).uniform_(-bound, bound))
+            self.prompts = nn.Parameter(torch.empty(self.depth, self.n_ctx, spec.vision_width).uniform_(-bound, bound))
         else:
-            self.prompts = normal_parameter(self.depth, self.n_prompts, spec.vision_width)
+            self.prompts = normal_parameter(self.depth, self.n_ctx, spec.vision_width)
 
     def layer_prompts(self) -> dict[int, Tensor]:
         return {index: self.prompts[index] for index in range(self.depth)}

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..encoders import Injection
 from ..methods import register_method
-from .base import Adapter, BuildContext, select_layers
+from .base import Adapter, BuildContext, check_layers_option, select_layers
 from .bias import Placement, bias_injection, places_of
 from .components import text_to_vision_projections
 
@@ -21,18 +21,21 @@ class CoupledBiasTuning(Adapter):
     """Coupled bias tuning.
 
     Args:
-        layers: a count J (layers 0..J-1) or an explicit list; the same layers in both towers.
+        depth: biased layers 0..depth-1, the same in both towers.
+        layers: 0-based layer indices instead of ``depth`` (e.g. [0, 5]); null: use ``depth``.
         placement: after the attention ("attn"), after the MLP ("mlp"), or "both".
     """
 
-    def __init__(self, layers: int | list[int] = 9, placement: Placement = "attn") -> None:
+    def __init__(self, depth: int = 9, layers: list[int] | None = None, placement: Placement = "attn") -> None:
         super().__init__()
-        self.layers, self.placement = layers, placement
+        check_layers_option(layers)
+        self.depth, self.layers, self.placement = depth, layers, placement
         self.places = places_of(placement)
 
     def build(self, context: BuildContext) -> None:
         spec = context.spec
-        self.layer_indices = select_layers(self.layers, min(spec.text_layers, spec.vision_layers), "text and vision")
+        self.layer_indices = select_layers(self.depth, self.layers, min(spec.text_layers, spec.vision_layers),
+                                           "text and vision")
         count = len(self.layer_indices)
         self.text_biases = nn.ParameterDict({p: nn.Parameter(torch.zeros(count, spec.text_width)) for p in self.places})
         self.projections = nn.ModuleDict(

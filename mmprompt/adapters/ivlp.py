@@ -14,14 +14,15 @@ class IVLP(TextPromptAdapter):
 
     Args:
         n_ctx: text prompt tokens per layer.
-        n_vision: vision prompt tokens per layer.
+        n_ctx_vision: vision prompt tokens per layer.
         depth: prompted layers 0..depth-1 in both towers.
         ctx_init: phrase that initialises the layer-0 text context.
     """
 
-    def __init__(self, n_ctx: int = 2, n_vision: int = 2, depth: int = 9, ctx_init: str | None = "a photo of a") -> None:
+    def __init__(self, n_ctx: int = 2, n_ctx_vision: int = 2, depth: int = 9,
+                 ctx_init: str | None = "a photo of a") -> None:
         super().__init__(n_ctx, depth, ctx_init)
-        self.vision = VisionPromptStack(n_vision, depth, init="normal")
+        self.vision = VisionPromptStack(n_ctx_vision, depth, init="normal", option="n_ctx_vision")
 
     def build(self, context: BuildContext) -> None:
         super().build(context)

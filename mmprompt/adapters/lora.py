@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..attention import PROJECTIONS, Projection
 from ..encoders import Injection
 from ..methods import register_method
-from .base import Adapter, BuildContext, select_layers
+from .base import Adapter, BuildContext, check_layers_option, select_layers
 
 Branches = Literal["both", "text", "vision"]
 #: (input, output) widths of each projection in units of the tower's width (the MLP is 4× wide)
@@ -60,26 +60,28 @@ class LoRA(Adapter):
         alpha: the update's scale is ``alpha / sqrt(rank)``, as in the official code.
         dropout: dropout on the update's input while training.
         projections: which linear maps of a block get an update: q, k, v (the paper), out, fc, proj.
-        layers: a count J (layers 0..J-1) or an explicit list, the same in both towers; null: every layer.
-        branches: which towers get updates: "both", "text" or "vision".
+        depth: layers 0..depth-1 of each tower get updates; null: every layer (the paper).
+        layers: 0-based layer indices instead of ``depth``, the same in both towers.
+        branch: which towers get updates: "both", "text" or "vision".
     """
 
     def __init__(self, rank: int = 2, alpha: float = 1.0, dropout: float = 0.25,
-                 projections: list[Projection] | None = None, layers: int | list[int] | None = None,
-                 branches: Branches = "both") -> None:
+                 projections: list[Projection] | None = None, depth: int | None = None,
+                 layers: list[int] | None = None, branch: Branches = "both") -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if branches not in ("both", "text", "vision"):
-            raise ValueError(f"branches must be 'both', 'text' or 'vision', got {branches!r}")
+        if branch not in ("both", "text", "vision"):
+            raise ValueError(f"branch must be 'both', 'text' or 'vision', got {branch!r}")
+        check_layers_option(layers)
         self.projections = tuple(projections) if projections is not None else ("q", "k", "v")
         unknown = [name for name in self.projections if name not in PROJECTIONS]
         if unknown or not self.projections:
             raise ValueError(f"projections={list(self.projections)}: expected a non-empty list of "
                              f"{', '.join(PROJECTIONS)}")
-        self.rank, self.dropout, self.layers, self.branches = rank, dropout, layers, branches
+        self.rank, self.dropout, self.depth, self.layers, self.branch = rank, dropout, depth, layers, branch
         self.scale = alpha / math.sqrt(rank)
 
     def build(self, context: BuildContext) -> None:
@@ -87,9 +89,9 @@ class LoRA(Adapter):
         towers = {"text": (spec.text_layers, spec.text_width), "vision": (spec.vision_layers, spec.vision_width)}
         self.deltas = nn.ModuleDict()
         for tower, (depth, width) in towers.items():
-            if self.branches not in ("both", tower):
+            if self.branch not in ("both", tower):
                 continue
-            layers = list(range(depth)) if self.layers is None else select_layers(self.layers, depth, tower)
+            layers = select_layers(depth if self.depth is None else self.depth, self.layers, depth, tower)
             self.deltas[tower] = nn.ModuleDict({str(layer): self._block_deltas(width) for layer in layers})
 
     def _block_deltas(self, width: int) -> nn.ModuleDict:

@@ -13,14 +13,14 @@ class VPTDeep(Adapter):
     """VPT-deep.
 
     Args:
-        n_prompts: prompt tokens per layer.
+        n_ctx: prompt tokens per layer.
         depth: prompted layers 0..depth-1.
         init: "vpt" (VPT's uniform init) or "normal" (N(0, 0.02)).
     """
 
-    def __init__(self, n_prompts: int = 8, depth: int = 12, init: str = "vpt") -> None:
+    def __init__(self, n_ctx: int = 8, depth: int = 12, init: str = "vpt") -> None:
         super().__init__()
-        self.vision = VisionPromptStack(n_prompts, depth, init)
+        self.vision = VisionPromptStack(n_ctx, depth, init)
 
     def build(self, context: BuildContext) -> None:
         self.vision.build(context)

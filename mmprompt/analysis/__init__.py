@@ -1,12 +1,13 @@
 """Why prompts work: the prompt decomposition, attention statistics, overlays, route interventions
-and prompt analysis (SPEC §4). See docs/analysis.md."""
+and prompt analysis (SPEC §4). The callbacks run inside ``mmprompt test``; see docs/analysis.md."""
 
 from .decomposition import Decomposition, decompose, decompose_scores
 from .interventions import (
-    MODES, InterventionProbe, MeanBiasCollector, RouteIntervention, estimate_mean_bias, evaluate_interventions, main,
+    MODES, InterventionProbe, InterventionTable, MeanBiasCollector, RouteIntervention, estimate_mean_bias,
+    evaluate_interventions,
 )
 from .overlays import attention_maps, attention_rollout, compare_attention_overlays
-from .prompts import nearest_words, vision_prompt_similarity, write_prompt_analysis
+from .prompts import PromptAnalysis, nearest_words, vision_prompt_similarity, write_prompt_analysis
 from .statistics import AttentionAccumulator, AttentionStatistics, StatisticsProbe, foreground_statistics
 
 __all__ = [
@@ -15,7 +16,9 @@ __all__ = [
     "AttentionStatistics",
     "Decomposition",
     "InterventionProbe",
+    "InterventionTable",
     "MeanBiasCollector",
+    "PromptAnalysis",
     "RouteIntervention",
     "StatisticsProbe",
     "attention_maps",
@@ -26,7 +29,6 @@ __all__ = [
     "estimate_mean_bias",
     "evaluate_interventions",
     "foreground_statistics",
-    "main",
     "nearest_words",
     "vision_prompt_similarity",
     "write_prompt_analysis",

@@ -1,11 +1,13 @@
-"""Small pieces every analysis shares: branches and layer ranges, probe installation, cross-rank
-sums, output folders and tables."""
+"""Small pieces every analysis shares: branches and layer ranges, what prompts a model has, cross-rank
+sums, test batches, output folders and tables."""
 
 from __future__ import annotations
 
+import csv
 from contextlib import contextmanager
+from itertools import chain, islice
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -59,17 +61,25 @@ def parse_layer_string(text: str, depth: int, option: str) -> list[int]:
         raise ValueError(f"{option}={text!r} is not a layer range: use 'all', '3', '0:9' or '0,2,5'") from None
 
 
-@contextmanager
-def probe_installed(module, probe: AttendFn | None) -> Iterator[None]:
-    """Route every attention call of ``module`` through ``probe`` (and recompute text features)."""
-    previous = module.attention_probe
-    module.attention_probe = probe
-    module._text_cache.clear()
-    try:
-        yield
-    finally:
-        module.attention_probe = previous
-        module._text_cache.clear()
+def text_prompts_of(adapter) -> dict[int, Tensor]:
+    """{layer: (n, width)} learned text prompts; for image-conditioned context (CoCoOp), whose text
+    injection needs image features, the shared part: its prompt stack ``adapter.text``."""
+    if adapter.conditions_text_on_image:
+        stack = getattr(adapter, "text", None)
+        return stack.layer_prompts() if hasattr(stack, "layer_prompts") else {}
+    return adapter.text_injection().prompts
+
+
+def vision_prompts_of(adapter) -> dict[int, Tensor]:
+    """{layer: (n, width)} vision prompts."""
+    return adapter.vision_injection().prompts
+
+
+def has_prompts(adapter, branch: str) -> bool:
+    """Whether any tower in ``branch`` receives prompt tokens (CoCoOp counts: its context is a prompt)."""
+    towers = towers_of(branch)
+    text = "text" in towers and (adapter.conditions_text_on_image or bool(text_prompts_of(adapter)))
+    return text or ("vision" in towers and bool(vision_prompts_of(adapter)))
 
 
 def identity_reduce(tensor: Tensor) -> Tensor:
@@ -96,6 +106,24 @@ def as_loader_list(loaders) -> list[DataLoader]:
     if loaders is None:
         return []
     return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+def unsharded_batches(loaders) -> Iterator[dict[str, Tensor]]:
+    """The test batches in order, one loader after the other, as one process sees them with any
+    number of processes (a rank's loader holds only its shard)."""
+    def in_order(loader) -> Iterable:
+        if not isinstance(loader, DataLoader):
+            return loader
+        size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", 1)
+        return DataLoader(loader.dataset, batch_size=size, collate_fn=loader.collate_fn,
+                          num_workers=loader.num_workers)
+
+    return chain.from_iterable(in_order(loader) for loader in as_loader_list(loaders))
+
+
+def limited(batches: Iterable, limit: int | float | None) -> Iterator:
+    """The first ``limit`` items (all for None or inf, as in Lightning's ``num_test_batches``)."""
+    return islice(batches, None if limit is None or limit == float("inf") else int(limit))
 
 
 def first_items(loader, count: int) -> dict[str, Tensor] | None:

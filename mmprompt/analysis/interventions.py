@@ -20,10 +20,10 @@ space, before the (linear) out-projection, so it is the same statement after it.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import harmonic_mean
 from typing import Any, Literal, Sequence, get_args
 
 import lightning as L
@@ -32,11 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import AttentionSite, fused_attention
-from ..checkpoint_io import read_checkpoint
-from ..guards import check_config_syntax
 from .common import (
-    Branch, LayerSpec, ReduceFn, as_loader_list, batch_to, fresh_loader, identity_reduce, markdown_table, probe_installed,
-    resolve_layers, towers_of, trainer_sum, write_table,
+    Branch, LayerSpec, ReduceFn, as_loader_list, batch_to, fresh_loader, has_prompts, identity_reduce, limited,
+    markdown_table, resolve_layers, run_folder, towers_of, trainer_sum, write_table,
 )
 from .decomposition import Decomposition, decompose, rows_seeing_prompts
 
@@ -120,9 +118,12 @@ class MeanBiasCollector:
     counts: dict[SiteKey, Tensor] = field(default_factory=dict)
     prompt_rows: dict[SiteKey, Tensor] = field(default_factory=dict)
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, site: AttentionSite) -> Tensor:
+    def observe(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, site: AttentionSite) -> None:
         if site.layer in self.targets.get(site.tower, ()):
             self.add(site, decompose(q, k, attn_mask, site).bias(v), attn_mask)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, site: AttentionSite) -> Tensor:
+        self.observe(q, k, v, attn_mask, site)
         return fused_attention(q, k, v, attn_mask, site)
 
     def add(self, site: AttentionSite, bias: Tensor, attn_mask: Tensor | None) -> None:
@@ -182,24 +183,42 @@ def estimate_mean_bias(module, loaders, targets: dict[str, frozenset[int]], mean
                        max_batches: int | None = None, reduce: ReduceFn = identity_reduce) -> dict[SiteKey, Tensor]:
     """First pass of ``mean_bias``: β̄ per (tower, layer) over the batches of ``loaders`` (one per test class set)."""
     collector = MeanBiasCollector(targets)
-    with probe_installed(module, collector):
+    with module.probed(collector):
         for index, loader in enumerate(as_loader_list(loaders)):
             classes = module.class_sets("test")[index]
-            for batch_index, batch in enumerate(fresh_loader(loader)):
-                if max_batches is not None and batch_index >= max_batches:
-                    break
+            for batch in limited(fresh_loader(loader), max_batches):
                 module(batch_to(batch, module.device)["image"], classes)
     collector.reduce(reduce)
     return collector.means(mean_over)
 
 
+def first_pass_batches(trainer: L.Trainer, mean_batches: int | None) -> int | None:
+    """Batches per test dataloader of the β̄ pass: ``mean_batches``, else as many as the test runs."""
+    if mean_batches is not None:
+        return mean_batches
+    limits = [n for n in trainer.num_test_batches if n != float("inf")]
+    return int(max(limits)) if limits else None
+
+
+def intervention_probe(module, trainer: L.Trainer, mode: str, targets: dict[str, frozenset[int]],
+                       mean_over: MeanOver, mean_batches: int | None) -> InterventionProbe:
+    """The probe of ``mode``; for ``mean_bias`` after the first pass that measures β̄ (summed over ranks)."""
+    probe = InterventionProbe(mode, targets)
+    if mode == "mean_bias":
+        probe.mean_bias = estimate_mean_bias(module, trainer.test_dataloaders, targets, mean_over,
+                                             first_pass_batches(trainer, mean_batches), trainer_sum(trainer))
+    return probe
+
+
 class RouteIntervention(L.Callback):
-    """Evaluate the test set with one prompt route removed (add under ``trainer.callbacks``).
+    """Evaluate the test set with one prompt route removed (add under ``trainer.callbacks``): the
+    run's test metrics (and results.json) are those of the intervened model.
 
     Args:
         mode: full, no_prompts, attention_only, bias_only or mean_bias (see the module docstring).
         branch: which tower's attention to intervene in: text, vision or both.
-        layers: layer range: "all", one index, "a:b" (half-open) or a list; checked per tower.
+        layers: 0-based layer indices: "all", one index, "a:b" (half-open), "a,b,c" or a list;
+            checked per tower.
         mean_over: mean_bias only: β̄ averaged over "tokens_and_samples" (a dataset constant per
             layer and head) or over "samples" only (one vector per position).
         mean_batches: mean_bias only: batches per test dataloader in the first pass (null: as many
@@ -212,34 +231,109 @@ class RouteIntervention(L.Callback):
         towers_of(branch)
         self.mode, self.branch, self.layers = mode, branch, layers
         self.mean_over, self.mean_batches = mean_over, mean_batches
-        self._installed = None
+        self._attached: tuple[Any, InterventionProbe] | None = None  # (module, probe) between two hooks
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         targets = target_layers(pl_module.spec, self.branch, self.layers)
-        probe = InterventionProbe(self.mode, targets)
-        if self.mode == "mean_bias":
-            probe.mean_bias = estimate_mean_bias(pl_module, trainer.test_dataloaders, targets, self.mean_over,
-                                                 self.first_pass_batches(trainer), trainer_sum(trainer))
-        self._installed = probe_installed(pl_module, probe)
-        self._installed.__enter__()
-
-    def first_pass_batches(self, trainer: L.Trainer) -> int | None:
-        if self.mean_batches is not None:
-            return self.mean_batches
-        limits = [n for n in trainer.num_test_batches if n != float("inf")]
-        return int(max(limits)) if limits else None
+        probe = intervention_probe(pl_module, trainer, self.mode, targets, self.mean_over, self.mean_batches)
+        pl_module.attach_probe(probe)
+        self._attached = (pl_module, probe)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._installed is not None:
-            self._installed.__exit__(None, None, None)
-            self._installed = None
+        self._detach()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        if self._attached is not None:
+            module, probe = self._attached
+            module.detach_probe(probe)
+            self._attached = None
 
 
-def merge_results(results: list[dict[str, Any]]) -> dict[str, float]:
-    merged: dict[str, float] = {}
-    for per_loader in results:
-        merged.update({key: float(value) for key, value in per_loader.items()})
-    return merged
+@torch.no_grad()
+def class_set_accuracies(module, loaders, limits: Sequence[int | float],
+                         reduce: ReduceFn = identity_reduce) -> dict[str, float]:
+    """Accuracy (%) per test class set, named as the module logs it (``test/<set>/acc``, and ``test/hm``
+    for base and new), over the first ``limits[i]`` batches of loader i on every rank, counts summed."""
+    results: dict[str, float] = {}
+    for index, loader in enumerate(as_loader_list(loaders)):
+        classes = module.class_sets("test")[index]
+        counts = torch.zeros(2, dtype=torch.float64, device=module.device)
+        for batch in limited(fresh_loader(loader), limits[index]):
+            batch = batch_to(batch, module.device)
+            predictions = module(batch["image"], classes).argmax(dim=-1)
+            counts[0] += (predictions == batch["label"]).sum()
+            counts[1] += len(predictions)
+        correct, total = reduce(counts).tolist()
+        if total:
+            results[f"test/{classes.name}/acc"] = 100.0 * correct / total
+    if "test/base/acc" in results and "test/new/acc" in results:
+        results["test/hm"] = harmonic_mean([results["test/base/acc"], results["test/new/acc"]])
+    return results
+
+
+class InterventionTable(L.Callback):
+    """After the test, evaluate the same test batches under every mode and write the table
+    ``interventions.csv`` / ``.md`` (one row per mode, one column per test metric; rank 0).
+
+    What ``mmprompt interventions`` adds to ``mmprompt test``. The run's own test metrics stay those
+    of the model as given; the table is in ``table`` on every rank.
+
+    Args:
+        modes: the modes to evaluate, in table order (default: all five).
+        branch: which tower's attention to intervene in: text, vision or both.
+        layers: 0-based layer indices: "all", one index, "a:b" (half-open), "a,b,c" or a list.
+        mean_over: mean_bias only: "tokens_and_samples" or "samples" (see `RouteIntervention`).
+        mean_batches: mean_bias only: batches per test dataloader in the first pass (null: as many
+            as the test runs).
+        output_dir: folder for the table; null: the run's log folder (``trainer.log_dir``).
+        write_tables: false keeps the table in memory only (``table``).
+        print_table: print the Markdown table at the end.
+    """
+
+    def __init__(self, modes: list[Mode] | None = None, branch: Branch = "both",
+                 layers: str | int | list[int] | None = "all",
+                 mean_over: MeanOver = "tokens_and_samples", mean_batches: int | None = None,
+                 output_dir: str | None = None, write_tables: bool = True, print_table: bool = True) -> None:
+        self.modes = list(MODES if modes is None else modes)
+        for mode in self.modes:
+            check_mode(mode)
+        towers_of(branch)
+        self.branch, self.layers, self.mean_over, self.mean_batches = branch, layers, mean_over, mean_batches
+        self.output_dir, self.write_tables, self.print_table = output_dir, write_tables, print_table
+        self.table: dict[str, dict[str, float]] = {}
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        target_layers(pl_module.spec, self.branch, self.layers)  # a bad range fails before the test runs
+        if not has_prompts(pl_module.adapter, self.branch):
+            log.warning("%s has no prompts in branch %r: every intervention equals the full model",
+                        type(pl_module.adapter).__name__, self.branch)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Every rank evaluates its shard under each mode (the counts are summed); rank 0 writes."""
+        targets = target_layers(pl_module.spec, self.branch, self.layers)
+        limits = list(trainer.num_test_batches)  # one per test dataloader, as limit_test_batches made them
+        self.table = {}
+        for mode in self.modes:
+            probe = intervention_probe(pl_module, trainer, mode, targets, self.mean_over, self.mean_batches)
+            with pl_module.probed(probe):
+                self.table[mode] = class_set_accuracies(pl_module, trainer.test_dataloaders, limits, trainer_sum(trainer))
+        folder = run_folder(trainer, self.output_dir) if self.write_tables else None  # a collective: every rank
+        if trainer.is_global_zero:
+            self.write(folder)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{"mode": mode, "branch": self.branch, "layers": str(self.layers), **metrics}
+                for mode, metrics in self.table.items()]
+
+    def write(self, folder: Path | None = None) -> None:
+        """The table as CSV + Markdown in ``folder`` (if given); printed when ``print_table``."""
+        if folder is not None:
+            write_table(self.rows(), folder / "interventions")
+        if self.print_table:
+            print(markdown_table([{"mode": mode, **metrics} for mode, metrics in self.table.items()]))
 
 
 def evaluate_interventions(module, datamodule, modes: Sequence[str] = MODES, branch: Branch = "both",
@@ -248,138 +342,15 @@ def evaluate_interventions(module, datamodule, modes: Sequence[str] = MODES, bra
                            ) -> dict[str, dict[str, float]]:
     """Test ``module`` under every mode; returns {mode: {metric: value}} (accuracies in percent).
 
-    ``trainer_kwargs`` go to each `lightning.Trainer` (accelerator, devices, strategy, limit_test_batches, ...).
-    With ``output_dir`` the table is written as ``interventions.csv`` and ``interventions.md``.
+    One test run with an `InterventionTable`. ``trainer_kwargs`` go to the `lightning.Trainer`
+    (accelerator, devices, strategy, limit_test_batches, ...). With ``output_dir`` the table is
+    written as ``interventions.csv`` and ``interventions.md``.
     """
-    for mode in modes:
-        check_mode(mode)
+    table = InterventionTable(list(modes), branch, layers, mean_over, output_dir=None if output_dir is None else
+                              str(output_dir), write_tables=output_dir is not None, print_table=False)
     target_layers(module.spec, branch, layers)  # fail before any evaluation
-    if not has_prompts(module, branch):
-        log.warning("%s has no prompts in branch %r: every intervention equals the full model",
-                    type(module.adapter).__name__, branch)
     kwargs = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
               "enable_checkpointing": False, **(trainer_kwargs or {})}
-    table: dict[str, dict[str, float]] = {}
-    for mode in modes:
-        callback = RouteIntervention(mode, branch, layers, mean_over)
-        trainer = L.Trainer(**{**kwargs, "callbacks": [*kwargs.get("callbacks", []), callback]})
-        table[mode] = merge_results(trainer.test(module, datamodule=datamodule, verbose=False))
-    if output_dir is not None:
-        rows = [{"mode": mode, "branch": branch, "layers": str(layers), **metrics} for mode, metrics in table.items()]
-        write_table(rows, Path(output_dir) / "interventions")
-    return table
-
-
-def has_prompts(module, branch: Branch) -> bool:
-    """Whether any tower in ``branch`` receives prompt tokens (CoCoOp counts: its context is a prompt)."""
-    for tower in towers_of(branch):
-        if tower == "vision" and module.adapter.vision_injection().prompts:
-            return True
-        if tower == "text":
-            try:
-                if module.adapter.text_injection().prompts:
-                    return True
-            except ValueError:  # image-conditioned text prompts (CoCoOp)
-                return True
-    return False
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mmprompt interventions",
-        description="Test a trained prompt model with one attention route removed per mode (SPEC §4).",
-    )
-    parser.add_argument("--config", required=True, help="the run's config.yaml (model: and data: sections)")
-    parser.add_argument("--ckpt_path", default=None,
-                        help="checkpoint with the trained adapter (default: checkpoints/last.ckpt next to the config)")
-    add_allow_no_checkpoint(parser)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="modes to evaluate")
-    parser.add_argument("--branch", default="both", choices=("text", "vision", "both"))
-    parser.add_argument("--layers", default="all", help="'all', '3', '0:9' (half-open) or '0,2,5'")
-    parser.add_argument("--mean_over", default="tokens_and_samples", choices=get_args(MeanOver))
-    parser.add_argument("--out_dir", "--output_dir", dest="output_dir", default=None, help="folder for interventions.csv/.md (default: config's folder)")
-    parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--devices", default="auto")
-    parser.add_argument("--limit_test_batches", type=batch_limit, default=None,
-                        help="an int (batches per dataloader) or a float fraction, as in lightning.Trainer")
-    return parser
-
-
-def batch_limit(text: str) -> int | float:
-    """Lightning's meaning: "2" is two batches, "0.5" half of them (so "1" must stay an int)."""
-    return int(text) if text.isdigit() else float(text)
-
-
-def add_allow_no_checkpoint(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--allow_no_checkpoint", action="store_true",
-                        help="evaluate the untrained adapter when the run has no checkpoint (zero-shot runs)")
-
-
-def default_checkpoint(config_path: str | Path, allow_missing: bool = False) -> str | None:
-    """``checkpoints/last.ckpt`` of the run folder holding the config. Without one the numbers would
-    be the untrained adapter's, so that is an error unless ``allow_missing`` (``--allow_no_checkpoint``)."""
-    path = Path(config_path).parent / "checkpoints" / "last.ckpt"
-    if path.is_file():
-        return str(path)
-    if not allow_missing:
-        raise FileNotFoundError(
-            f"no --ckpt_path given and the run of --config {config_path} has no {path}: the results would be "
-            "the untrained adapter's; pass --ckpt_path, or --allow_no_checkpoint to evaluate it untrained"
-        )
-    log.warning("no --ckpt_path and no %s: evaluating the untrained adapter (--allow_no_checkpoint)", path)
-    return None
-
-
-def load_run(config_path: str | Path, ckpt_path: str | None = None):
-    """(module, datamodule) from a LightningCLI ``config.yaml``, with the checkpoint's adapter loaded.
-
-    ``data.image_size`` is linked to the model in the CLI (so absent from the saved config): it is
-    taken from the model here too. ``seed_everything`` is applied first, as the CLI does, so a
-    random-weight backbone (which checkpoints don't hold) comes back identical.
-    """
-    import yaml
-
-    from ..data.datamodule import FewShotDataModule
-    from ..module import PromptCLIPModule
-
-    check_config_syntax(Path(config_path))
-    config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
-    missing = [section for section in ("model", "data") if section not in config]
-    if missing:
-        raise ValueError(f"{config_path} has no {' / '.join(missing)} section: pass the config.yaml of a run")
-    if config.get("seed_everything") is not None:  # a random-weight backbone (pretrained: null) is rebuilt as trained
-        L.seed_everything(config["seed_everything"], verbose=False)
-    module = instantiate_section(PromptCLIPModule, config["model"])
-    datamodule = instantiate_section(FewShotDataModule, {"image_size": module.spec.image_size, **config["data"]})
-    if ckpt_path:
-        checkpoint = read_checkpoint(ckpt_path)
-        module.on_load_checkpoint(checkpoint)
-        module.load_state_dict(checkpoint["state_dict"])
-    return module, datamodule
-
-
-def instantiate_section(cls: type, section: dict[str, Any]):
-    """``cls`` from one config section, with jsonargparse resolving class_path/init_args values."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(cls, "section", fail_untyped=False)
-    return parser.instantiate_classes(parser.parse_object({"section": section})).section
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    """``mmprompt interventions --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt ...``"""
-    args = build_parser().parse_args(argv)
-    module, datamodule = load_run(args.config, args.ckpt_path or default_checkpoint(args.config, args.allow_no_checkpoint))
-    trainer_kwargs: dict[str, Any] = {"accelerator": args.accelerator, "devices": args.devices}
-    if args.limit_test_batches is not None:
-        trainer_kwargs["limit_test_batches"] = args.limit_test_batches
-    output_dir = args.output_dir or str(Path(args.config).parent)
-    table = evaluate_interventions(module, datamodule, args.modes, args.branch, args.layers, trainer_kwargs,
-                                   output_dir, args.mean_over)
-    rows = [{"mode": mode, **metrics} for mode, metrics in table.items()]
-    print(markdown_table(rows))
-    return table
+    trainer = L.Trainer(**{**kwargs, "callbacks": [*kwargs.get("callbacks", []), table]})
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    return table.table

@@ -3,31 +3,41 @@ prompts (and their keys) resemble foreground or background patch tokens."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from itertools import chain
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Iterable
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import NO_DELTAS, BlockDeltas, in_projection
-from ..encoders import encode_image
-from .common import batch_to, markdown_table, write_table
 from ..data.masks import mask_to_patch_grid
+from ..encoders import encode_image
+from .common import batch_to, markdown_table, run_folder, text_prompts_of, unsharded_batches, vision_prompts_of, write_table
+
+log = logging.getLogger(__name__)
+TEXT_PROMPT_MODELS = "(CoOp, CoCoOp, TextDeep, IVLP, MaPLe)"
+VISION_PROMPT_MODELS = "(VPTDeep, IVLP, MaPLe)"
+
+
+def no_text_prompts(adapter) -> str:
+    return f"{type(adapter).__name__} has no text prompts: nearest words need a text-prompt model {TEXT_PROMPT_MODELS}"
+
+
+def no_vision_prompts(adapter) -> str:
+    return (f"{type(adapter).__name__} has no vision prompts: the prompt/patch similarity needs a vision-prompt "
+            f"model {VISION_PROMPT_MODELS}")
 
 
 def learned_text_prompts(module) -> dict[int, Tensor]:
     """{layer: (n, d)} learned text prompts; for image-conditioned context (CoCoOp) the shared part."""
-    adapter = module.adapter
-    try:
-        prompts = adapter.text_injection().prompts
-    except ValueError:  # CoCoOp: text_injection needs image features; its TextPromptStack is the learned part
-        prompts = adapter.text.layer_prompts()
+    prompts = text_prompts_of(module.adapter)
     if not prompts:
-        raise ValueError(f"{type(adapter).__name__} has no text prompts: nearest words need a text-prompt model "
-                         "(CoOp, CoCoOp, TextDeep, IVLP, MaPLe)")
+        raise ValueError(no_text_prompts(module.adapter))
     return prompts
 
 
@@ -97,8 +107,7 @@ def vision_prompt_similarity(module, batches: Iterable[dict], max_batches: int =
     for hidden states and keys, over images with a mask holding both regions."""
     injection = module.adapter.vision_injection()
     if not injection.prompts:
-        raise ValueError(f"{type(module.adapter).__name__} has no vision prompts: the prompt/patch similarity "
-                         "needs a vision-prompt model (VPTDeep, IVLP, MaPLe)")
+        raise ValueError(no_vision_prompts(module.adapter))
     blocks = module.clip.visual.transformer.resblocks
     tracker = PromptPatchSimilarity(module.spec.num_patches)
     handles = [block.ln_1.register_forward_hook(tracker.hook(j, block.attn, injection.block(j).deltas))
@@ -130,48 +139,65 @@ def vision_prompt_similarity(module, batches: Iterable[dict], max_batches: int =
 
 def write_prompt_analysis(module, batches: Iterable[dict] | None, output_dir: str | Path, k: int = 5,
                           max_batches: int = 10) -> dict[str, list[dict]]:
-    """Both tables, for whichever prompts the model has, as CSV + Markdown under ``output_dir``."""
-    folder = Path(output_dir)
+    """Both tables, for whichever prompts the model has, as CSV + Markdown under ``output_dir``.
+
+    ``prompt_words`` needs text prompts; ``vision_prompt_similarity`` vision prompts and batches
+    with masks (without masks it is left out, with a warning). A model with neither is an error.
+    """
+    adapter = module.adapter
+    text, vision = bool(text_prompts_of(adapter)), bool(vision_prompts_of(adapter))
+    if not (text or vision):
+        raise ValueError(f"{no_text_prompts(adapter)}; {no_vision_prompts(adapter)}")
     tables: dict[str, list[dict]] = {}
-    errors = []
-    try:
+    if text:
         tables["prompt_words"] = nearest_words(module, k)
-    except ValueError as err:
-        errors.append(str(err))
-    if batches is not None:
-        try:
-            tables["vision_prompt_similarity"] = vision_prompt_similarity(module, batches, max_batches)
-        except ValueError as err:
-            errors.append(str(err))
+    batches = iter(batches if batches is not None and vision else ())
+    first = next(batches, None)
+    if vision and first is not None and "mask" in first:
+        tables["vision_prompt_similarity"] = vision_prompt_similarity(module, chain([first], batches), max_batches)
+    elif vision:
+        log.warning("vision_prompt_similarity left out: it needs test batches with foreground masks "
+                    "(data.with_masks: true and a dataset with masks)")
     if not tables:
-        raise ValueError("; ".join(errors) or "no batches given for the vision-prompt analysis")
+        raise ValueError(no_text_prompts(adapter) + "; the vision-prompt table needs batches with masks")
     for name, rows in tables.items():
-        write_table(rows, folder / name)
+        write_table(rows, Path(output_dir) / name)
     return tables
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``mmprompt prompt-analysis --config RUN/config.yaml``: both tables for a trained run."""
-    import argparse
+class PromptAnalysis(L.Callback):
+    """After the test, what the learned prompts look like: ``prompt_words.{csv,md}`` (nearest
+    vocabulary words of the text prompts) and ``vision_prompt_similarity.{csv,md}`` (vision prompts
+    vs foreground/background patch tokens), written on rank 0. What ``mmprompt prompt-analysis``
+    adds to ``mmprompt test``.
 
-    from .interventions import add_allow_no_checkpoint, default_checkpoint, load_run
+    Args:
+        k: nearest vocabulary words per prompt token.
+        max_batches: test batches (the first ones, in order, for any number of processes) for the
+            vision-prompt similarity.
+        output_dir: folder for the tables; null: the run's log folder (``trainer.log_dir``).
+        print_tables: print the Markdown tables at the end.
+    """
 
-    parser = argparse.ArgumentParser(prog="mmprompt prompt-analysis", description=main.__doc__)
-    parser.add_argument("--config", required=True, help="config.yaml of a run folder")
-    parser.add_argument("--ckpt_path", default=None,
-                        help="checkpoint with the trained adapter (default: checkpoints/last.ckpt next to the config)")
-    add_allow_no_checkpoint(parser)
-    parser.add_argument("--k", type=int, default=5, help="nearest vocabulary words per prompt token")
-    parser.add_argument("--max_batches", type=int, default=10, help="test batches for the vision-prompt similarity")
-    parser.add_argument("--out_dir", "--output_dir", dest="output_dir", default=None, help="folder for the tables (default: the config's folder)")
-    args = parser.parse_args(argv)
-    module, datamodule = load_run(args.config, args.ckpt_path or default_checkpoint(args.config, args.allow_no_checkpoint))
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    loaders = datamodule.test_dataloader()
-    batches = chain.from_iterable(loaders) if isinstance(loaders, list) else loaders  # lazily: max_batches
-    tables = write_prompt_analysis(module.eval(), batches, args.output_dir or Path(args.config).parent, args.k,
-                                   args.max_batches)
-    for name, rows in tables.items():
-        print(f"{name}:\n{markdown_table(rows)}\n")
-    return 0
+    def __init__(self, k: int = 5, max_batches: int = 10, output_dir: str | None = None,
+                 print_tables: bool = True) -> None:
+        if k < 1 or max_batches < 1:
+            raise ValueError(f"k and max_batches must be >= 1, got k={k}, max_batches={max_batches}")
+        self.k, self.max_batches, self.output_dir, self.print_tables = k, max_batches, output_dir, print_tables
+        self.tables: dict[str, list[dict]] = {}
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse a model without prompts on every rank, before the test (not on rank 0 alone, later)."""
+        adapter = pl_module.adapter
+        if not (text_prompts_of(adapter) or vision_prompts_of(adapter)):
+            raise ValueError(f"{no_text_prompts(adapter)}; {no_vision_prompts(adapter)}")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = run_folder(trainer, self.output_dir)  # a collective: every rank, before the rank-0 branch
+        if not trainer.is_global_zero:
+            return
+        self.tables = write_prompt_analysis(pl_module, unsharded_batches(trainer.test_dataloaders), folder, self.k,
+                                            self.max_batches)
+        if self.print_tables:
+            for name, rows in self.tables.items():
+                print(f"{name}:\n{markdown_table(rows)}\n")

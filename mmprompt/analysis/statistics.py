@@ -123,12 +123,16 @@ class StatisticsProbe:
     def set_batch(self, foreground: Tensor | None, has_mask: Tensor | None) -> None:
         self.foreground, self.has_mask = foreground, has_mask
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, site: AttentionSite) -> Tensor:
+    def observe(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, site: AttentionSite) -> None:
+        """Record one attention call; as an observer it can share a run with an intervention."""
         with torch.no_grad():
             if site.tower == "vision":
                 self.record_vision(q, k, site)
             else:
                 self.record_text(q, k, attn_mask, site)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, site: AttentionSite) -> Tensor:
+        self.observe(q, k, v, attn_mask, site)
         return fused_attention(q, k, v, attn_mask, site)
 
     def record_vision(self, q: Tensor, k: Tensor, site: AttentionSite) -> None:
@@ -204,7 +208,8 @@ class AttentionStatistics(L.Callback):
 
     Writes ``attention_stats.{csv,json,png}`` (prefixed ``val_epochNNN_`` for validation) on rank 0
     and prints the per-layer summary. Off (not in the callbacks) it costs nothing: no probe is
-    installed and the fused attention path runs.
+    attached and the fused attention path runs. Its probe only observes, so with a
+    `RouteIntervention` in the same run it records the intervened model.
 
     Args:
         max_batches: batches per dataloader to record; later batches run the fused path.
@@ -234,7 +239,7 @@ class AttentionStatistics(L.Callback):
         self.overlay_images, self.overlay_layer = overlay_images, overlay_layer
         self.probe: StatisticsProbe | None = None
         self.summary: dict | None = None  #: the last recorded statistics (rank 0 and others alike)
-        self._previous = None
+        self._attached_to = None  # the module the probe is attached to, between two batch hooks
 
     # -- lifecycle shared by test and validation ------------------------------------------------
 
@@ -242,28 +247,32 @@ class AttentionStatistics(L.Callback):
         return stage in self.stages and not trainer.sanity_checking
 
     def _start(self, trainer: L.Trainer, module, stage: Stage) -> None:
-        if not self._active(trainer, stage):
-            return
-        self.probe = StatisticsProbe(AttentionAccumulator.zeros(module.spec, module.device))
-        self._previous = module.attention_probe
-        module._text_cache.clear()
+        if self._active(trainer, stage):
+            self.probe = StatisticsProbe(AttentionAccumulator.zeros(module.spec, module.device))
 
     def _batch_start(self, trainer: L.Trainer, module, batch: dict, batch_idx: int, stage: Stage) -> None:
         if self.probe is None or not self._active(trainer, stage):
             return
         if batch_idx >= self.max_batches:
-            module.attention_probe = self._previous
+            self._detach()
             return
-        module.attention_probe = self.probe
+        if self._attached_to is None:
+            module.attach_probe(self.probe)
+            self._attached_to = module
         foreground = None
         if "mask" in batch:
             foreground = mask_to_patch_grid(batch["mask"], module.spec.patch_size, self.mask_threshold)
         self.probe.set_batch(foreground, batch.get("has_mask"))
 
+    def _detach(self) -> None:
+        if self._attached_to is not None:
+            self._attached_to.detach_probe(self.probe)
+            self._attached_to = None
+
     def _finish(self, trainer: L.Trainer, module, stage: Stage) -> None:
         if self.probe is None or not self._active(trainer, stage):
             return
-        module.attention_probe = self._previous
+        self._detach()
         shared_text = not module.adapter.conditions_text_on_image  # every rank encodes the same class prompts
         self.summary = self.probe.accumulator.reduced(trainer_sum(trainer), text=not shared_text).summary()
         self.summary["meta"] = {"adapter": type(module.adapter).__name__, "model_name": module.spec.model_name,
@@ -315,3 +324,7 @@ class AttentionStatistics(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._finish(trainer, pl_module, "validate")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._detach()
+        self.probe = None
