@@ -95,3 +95,14 @@ def test_training_batches_draw_their_objects_from_few_colours():
     assert len(set().union(*groups)) > 3  # other batches, other colours
     assert world_sample(0, 5, 64, group_size=16, colours_per_group=3)[3] == \
         world_sample(0, 5, 64, group_size=16, colours_per_group=3)[3]
+
+
+@pytest.mark.parametrize("bad", [(0.0, 1.0), (0.9, 0.5), (0.5, 1.2), (0.5,)])
+def test_crop_scale_is_checked_and_reaches_the_training_crop(tmp_path, bad):
+    with pytest.raises(ValueError, match=r"data.crop_scale must be \(low, high\) with 0 < low <= high <= 1"):
+        FewShotDataModule(dataset="world-shapes", root=str(tmp_path), crop_scale=bad)
+    data = FewShotDataModule(dataset="world-shapes", root=str(tmp_path), image_size=64, crop_scale=(0.8, 1.0))
+    data.prepare_data()
+    data.setup("fit")
+    crop = data.datasets["train"][0].transform.transforms[0]
+    assert crop.scale == (0.8, 1.0)

@@ -62,10 +62,10 @@ def build_transform(
 
 def check_crop_scale(crop_scale: Sequence[float]) -> tuple[float, float]:
     """``data.crop_scale`` must be an area range ``(low, high)`` with ``0 < low <= high <= 1``."""
-    low, high = (float(value) for value in crop_scale)
-    if not 0 < low <= high <= 1:
+    values = tuple(float(value) for value in crop_scale)
+    if len(values) != 2 or not 0 < values[0] <= values[1] <= 1:
         raise ValueError(f"data.crop_scale must be (low, high) with 0 < low <= high <= 1, got {tuple(crop_scale)}")
-    return low, high
+    return values
 
 
 def transform_pair(

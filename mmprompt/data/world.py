@@ -8,8 +8,8 @@ random, so the text tower must learn the words and how they combine. Everything 
 ``(seed, index)``: nothing is downloaded or stored, and a resumed run sees the same stream.
 
 ``world-shapes`` draws the same shape kinds under another distribution (backgrounds held out of
-pretraining, hatched object fill, a colour cast): zero-shot transfer works but is imperfect, as with
-EuroSAT for real CLIP.
+pretraining, outline-only objects, a colour cast): zero-shot transfer works but is imperfect, as with
+EuroSAT for real CLIP, and the shift is systematic, so few-shot learning has something to fix.
 """
 
 from __future__ import annotations
