@@ -1,8 +1,10 @@
 """The shipped ``synthetic-world`` weights: they load on their own, know colour and shape zero-shot,
 attend to the foreground, and the README's main job tunes them past zero-shot.
 
-Thresholds sit about four binomial standard errors below the numbers measured when the weights were
-made (docs/pretraining.md), so they fail when learning or analysis breaks, not from noise.
+Every run is seeded, so these numbers repeat on one machine; the thresholds sit below the measured
+ones (docs/pretraining.md) by 4-5 binomial standard errors for the held-out world and about two standard
+errors of a difference for the demo fits, so they fail when learning or analysis breaks, not from
+numerical noise across platforms.
 """
 
 from __future__ import annotations
