@@ -170,11 +170,12 @@ class PretrainCLIP(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         register_bundled_configs()
-        with torch.random.fork_rng():
-            torch.manual_seed(init_seed)
-            self.clip = open_clip.create_model(model_name, pretrained=None)
         if pretrained is not None:
             self.clip = load_clip(model_name, pretrained).requires_grad_(True)
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(init_seed)
+                self.clip = open_clip.create_model(model_name, pretrained=None)
         self.tokenizer = get_tokenizer(model_name)
         self.loss = ClipLoss()
         self.shape_accuracy = MulticlassAccuracy(num_classes=len(SHAPES), average="micro")
