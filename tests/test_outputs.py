@@ -290,7 +290,6 @@ def test_every_tool_spells_flags_like_lightning_and_keeps_old_spellings(tool, ca
     aliases = {alias: group[0] for group in groups for alias in group[1:]}
     expected = {"report": {"--out": "--out_dir", "--skip-invalid": "--skip_invalid"},
                 "make-split": {"--output": "--split_file"}, "check-data": {"--split-file": "--split_file"},
-                "interventions": {"--output_dir": "--out_dir"}, "prompt-analysis": {"--output_dir": "--out_dir"},
                 "sweep": {"--dry-run": "--dry_run", "--keep-going": "--keep_going"}}.get(tool, {})
     assert expected.items() <= aliases.items()
 
