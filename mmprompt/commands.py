@@ -16,6 +16,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "sweep": ("mmprompt.sweep", "run a protocol sweep (methods × datasets × seeds), resumably"),
     "check-data": ("mmprompt.data.check", "check a dataset tree before training"),
     "make-split": ("mmprompt.data.custom", "write a split file from a class-per-folder tree"),
+    "methods": ("mmprompt.method_table", "list the registered methods (name, class, defaults, trainable parameters)"),
     "export": ("mmprompt.export", "adapter-only safetensors + JSON; bias methods also as a plain open_clip model"),
 }
 #: short aliases: ``mmprompt test`` of a finished run with one analysis callback (class_path), written

@@ -7,7 +7,7 @@ import logging
 import random
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -66,6 +66,18 @@ def class_set_record(classes: ClassSet) -> dict[str, Any]:
 def class_set_from_record(record: dict[str, Any]) -> ClassSet:
     return ClassSet(record["name"], tuple(record["classnames"]), record["template"],
                     tuple(record["ensemble_templates"]))
+
+
+def word_embedder(clip: torch.nn.Module, tokenizer: Callable[[list[str]], Tensor]) -> Callable[[str], Tensor]:
+    """``embed_words(phrase)``: the frozen token embeddings (k, width) of a phrase without SOS/EOT,
+    what `BuildContext` gives adapters to start their context from words ("a photo of a")."""
+
+    def embed_words(text: str) -> Tensor:
+        ids = tokenizer([text])[0]
+        eot = int(ids.argmax())
+        return clip.token_embedding(ids[1:eot].to(clip.token_embedding.weight.device))
+
+    return embed_words
 
 
 def build_adapter(config: dict[str, Any]) -> Adapter:
@@ -153,7 +165,7 @@ class PromptCLIPModule(L.LightningModule):
         self.tokenizer = get_tokenizer(model_name)
         self.spec = BackboneSpec.from_clip(self.clip, model_name)
         self.adapter = adapter
-        adapter.build(BuildContext(self.spec, self._embed_words))
+        adapter.build(BuildContext(self.spec, word_embedder(self.clip, self.tokenizer)))
         self.optimizer_factory = optimizer
         self._probes: list[AttendFn] = []  # attached by `probed` / `attach_probe`, in order
         self._class_sets: dict[str, list[ClassSet]] = {}
@@ -175,11 +187,6 @@ class PromptCLIPModule(L.LightningModule):
         self._text_cache.clear()
 
     @torch.no_grad()
-    def _embed_words(self, text: str) -> Tensor:
-        ids = self.tokenizer([text])[0]
-        eot = int(ids.argmax())
-        return self.clip.token_embedding(ids[1:eot].to(self.clip.token_embedding.weight.device))
-
     def train(self, mode: bool = True) -> "PromptCLIPModule":
         """Keep the frozen backbone in eval mode whatever Lightning asks of the module."""
         super().train(mode)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,18 +11,16 @@ import torch.nn.functional as F
 from mmprompt.adapters import (
     IVLP, BiasTuning, BuildContext, CoCoOp, CoOp, CoupledBiasTuning, LoRA, MaPLe, TextDeep, VPTDeep, ZeroShot,
 )
+from mmprompt import method_table
 from mmprompt.data.protocol import ClassSet
-from mmprompt.module import PromptCLIPModule
+from mmprompt.module import PromptCLIPModule, word_embedder
 
 TINY = "mmprompt-tiny"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _build_context(clip, tokenizer, spec) -> BuildContext:
-    def embed_words(text: str) -> torch.Tensor:
-        ids = tokenizer([text])[0]
-        return clip.token_embedding(ids[1:int(ids.argmax())]).detach()
-
-    return BuildContext(spec, embed_words)
+    return BuildContext(spec, word_embedder(clip, tokenizer))
 
 
 @pytest.mark.slow
@@ -41,6 +41,15 @@ def _build_context(clip, tokenizer, spec) -> BuildContext:
 def test_trainable_parameter_counts_on_vit_b16(vit_b16, adapter, expected):
     adapter.build(_build_context(*vit_b16))
     assert adapter.num_trainable_parameters() == expected
+
+
+@pytest.mark.slow
+def test_docs_parameter_counts_are_the_built_ones_on_vit_b16(vit_b16):
+    """The parameter column of docs/methods.md's generated table, rebuilt from each method's config."""
+    context = _build_context(*vit_b16)
+    rows = method_table.method_rows(REPO / "configs")
+    docs = method_table.counts_in_docs((REPO / "docs" / "methods.md").read_text())
+    assert {row.info.name: method_table.built_count(row, context) for row in rows} == docs
 
 
 def test_counts_follow_the_backbone_widths():

@@ -59,7 +59,8 @@ CONTRACTS: tuple[Contract, ...] = (
 
 #: modules that must import no HEAVY package at import time: the instant tools and what they read
 TORCH_FREE: tuple[str, ...] = (
-    "mmprompt.commands", "mmprompt.report", "mmprompt.sweep", "mmprompt.methods", "mmprompt.tables",
+    "mmprompt.commands", "mmprompt.report", "mmprompt.sweep", "mmprompt.methods", "mmprompt.method_table",
+    "mmprompt.tables",
     "mmprompt.results", "mmprompt.classes", "mmprompt.data.registry", "mmprompt.data.protocol",
 )
 

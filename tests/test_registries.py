@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from mmprompt import method_table
 from mmprompt import methods as registry
 from mmprompt import report, sweep
 from mmprompt.data.registry import PROTOCOLS, get_spec, protocol_datasets, specs, transfer_source
@@ -97,12 +99,15 @@ def test_every_method_trains_only_its_own_tensors_and_checkpoints_them(info, cla
     assert all(p.grad is None for p in module.clip.parameters())
 
 
-def test_docs_method_table_follows_the_registry():
-    rows = markdown_rows((DOCS / "methods.md").read_text(), "| name | class |")
-    assert [(ticked(r[0])[0], ticked(r[1])[0]) for r in rows] == [(i.name, i.label) for i in methods()]
-    sweep_row = next(r for r in markdown_rows((DOCS / "protocols.md").read_text(), "| option | default |")
-                     if r[0] == "`--methods`")
-    assert ticked(sweep_row[1]) == registry.method_names()
+def test_docs_method_table_is_the_generated_one():
+    """Every column but the parameter counts (checked on ViT-B/16 in test_core_adapters) is regenerated
+    from the registry and the configs and must equal the docs: a new method's row is never hand-written."""
+    text = (DOCS / "methods.md").read_text()
+    counts = method_table.counts_in_docs(text)
+    assert list(counts) == registry.method_names()
+    assert method_table.docs_table(text) == method_table.markdown(method_table.method_rows(CONFIGS), counts), (
+        "docs/methods.md lags the registry: run `mmprompt methods --update_docs docs/methods.md`")
+    assert "coupled_bias" not in (DOCS / "protocols.md").read_text()  # points to `mmprompt methods` instead
 
 
 def test_report_and_sweep_take_labels_and_order_from_the_registry():
@@ -126,6 +131,56 @@ def test_a_registration_is_read_from_a_new_file(tmp_path):
         "@register_method('clip_lora', order=90)\nclass CLIPLoRA(Adapter):\n    pass\n"))
     (info,) = scan_methods(folder, "mmprompt.adapters")
     assert info == MethodInfo("clip_lora", "CLIPLoRA", "mmprompt.adapters.lora.CLIPLoRA", "methods/clip_lora.yaml", 90)
+
+
+def test_a_new_method_gets_its_docs_row_from_its_file_and_config(tmp_path):
+    folder = write_adapters(tmp_path / "adapters", my_method=(
+        "@register_method('my_method', order=55)\nclass MyMethod(Adapter):\n    pass\n"))
+    infos = sorted([*methods(), *scan_methods(folder, "mmprompt.adapters")], key=lambda info: info.sort_key)
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS / "methods", configs / "methods")
+    (configs / "methods" / "my_method.yaml").write_text(
+        "# My method: one gate per layer. Details follow.\nmodel:\n  adapter:\n"
+        "    class_path: mmprompt.adapters.MyMethod\n    init_args:\n      depth: 3\n  lr: 0.01\n")
+    rows = method_table.method_rows(configs, infos)
+    table = method_table.markdown(rows)
+    lines = table.splitlines()
+    assert lines[0] == "| name | class | what it is | defaults (configs/methods/<name>.yaml) |"
+    assert lines[2 + [row.info.name for row in rows].index("my_method")] == (
+        "| `my_method` | `MyMethod` | My method: one gate per layer. | depth=3; SGD lr 0.01 |")
+    assert [line.split(" | ")[0] for line in lines[2:]] == [f"| `{info.name}`" for info in infos]
+
+
+def test_the_docs_table_is_rewritten_between_its_markers_only(tmp_path):
+    text = (DOCS / "methods.md").read_text()
+    stale = method_table.with_docs_table(text, "| name |\n|---|\n| `old` |\n")
+    assert method_table.docs_table(stale) == "| name |\n|---|\n| `old` |\n"
+    assert stale.replace("| name |\n|---|\n| `old` |\n", method_table.docs_table(text)) == text
+    assert method_table.with_docs_table(stale, method_table.docs_table(text)) == text
+    with pytest.raises(ValueError, match="README.md: no methods table markers"):
+        method_table.docs_table((REPO / "README.md").read_text(), "README.md")
+
+
+@pytest.mark.parametrize("config, message", [
+    (None, r"method 'coop' \(mmprompt.adapters.coop.CoOp\) is registered but its default config .*coop.yaml does not exist"),
+    ("model:\n  adapter:\n    class_path: mmprompt.adapters.CoOp\n", r"coop.yaml: start the config with a comment"),
+    ("# CoOp.\nmodel:\n  lr: 0.1\n", r"coop.yaml: expected model.adapter.class_path"),
+])
+def test_a_method_config_the_table_cannot_read_is_named(tmp_path, config, message):
+    (tmp_path / "methods").mkdir()
+    if config is not None:
+        (tmp_path / "methods" / "coop.yaml").write_text(config)
+    coop = next(info for info in methods() if info.name == "coop")
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        method_table.method_rows(tmp_path, [coop])
+
+
+def test_listing_the_methods_imports_no_torch():
+    out = subprocess.run([sys.executable, "-c", "import sys; from mmprompt.method_table import main; main([]); "
+                          "print('torch' in sys.modules)"], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    lines = out.splitlines()
+    assert [line.split()[:2] for line in lines[:-1]] == [[info.name, info.label] for info in methods()]
+    assert lines[-1] == "False"
 
 
 @pytest.mark.parametrize("text, message", [
