@@ -203,6 +203,7 @@ class SlowRunner(FakeRunner):
         super().__init__(**kwargs)
         self.lock, self.active, self.most_at_once = threading.Lock(), set(), 0
         self.devices: dict[str, str | None] = {}
+        self.started: list[str] = []  # in start order (run_names is in finishing order)
 
     def __call__(self, command: list[str], device: str | None = None) -> int:
         name = f"{option(command, '--name')}/{option(command, '--version')}"
@@ -211,6 +212,7 @@ class SlowRunner(FakeRunner):
             self.active.add(device)
             self.most_at_once = max(self.most_at_once, len(self.active))
             self.devices[name] = device
+            self.started.append(name)
         time.sleep(0.2)
         with self.lock:
             self.active.discard(device)
@@ -237,11 +239,12 @@ def test_devices_run_independent_runs_in_parallel_one_per_device_with_skip_and_r
 def test_parallel_transfer_tests_wait_for_their_training_run(workdir):
     runner = SlowRunner()
     assert sweep.main(cross_dataset_argv("--no-report", "--devices", "0", "1"), runner=runner) == 0
-    names = runner.run_names
-    assert names.index("MaPLe-imagenet/seed1") == 0 and len(names) == 6
+    started, finished = runner.started, runner.run_names
+    assert len(started) == len(finished) == 6
     # the zero-shot runs need no checkpoint and use the second device while MaPLe trains
-    assert names[1] == "ZeroShot-imagenet/seed1"
-    assert {"MaPLe-caltech101/seed1", "MaPLe-eurosat/seed1"} <= set(names[2:])
+    assert set(started[:2]) == {"MaPLe-imagenet/seed1", "ZeroShot-imagenet/seed1"}
+    for target in ("MaPLe-caltech101/seed1", "MaPLe-eurosat/seed1"):  # the transfer tests wait for the checkpoint
+        assert started.index(target) > finished.index("MaPLe-imagenet/seed1")
 
 
 def test_parallel_failure_stops_new_runs_and_blocks_tests(workdir, capsys):
