@@ -144,6 +144,8 @@ class MMPromptCLI(LightningCLI):
         if args is None or isinstance(args, list):
             check_config_files(sys.argv[1:] if args is None else args)
             refuse_renamed_options(sys.argv[1:] if args is None else args)
+        self.one_batch_limits = one_batch_limits(sys.argv[1:] if args is None else args) if (
+            args is None or isinstance(args, list)) else []
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
@@ -183,6 +185,7 @@ class MMPromptCLI(LightningCLI):
             refuse_reused_run_dir(self.run_dir, self.subcommand, config.get("ckpt_path"))
         out_dir, name, version = str(self.run_dir.parent.parent), self.run_dir.parent.name, self.run_dir.name
         kwargs.setdefault("default_root_dir", str(self.run_dir))
+        kwargs.update({name: 1 for name in self.one_batch_limits})  # one batch, not 1.0 = every batch
         if trainer_config.get("logger") is not False:
             kwargs["logger"] = run_loggers(out_dir, name, version, trainer_config.get("logger"))
         callbacks = list(trainer_config.get("callbacks") or [])
@@ -299,6 +302,7 @@ class AnalysisCLI(MMPromptCLI):
         self.run_dir = self.output_dir
         self.output_dir.mkdir(parents=True, exist_ok=True)
         # no logger; Lightning's own checkpoint callback saves nothing in a test
+        kwargs.update({name: 1 for name in self.one_batch_limits})
         kwargs.update(default_root_dir=str(self.output_dir), logger=False, **self.trainer_options)
         return LightningCLI.instantiate_trainer(self, **kwargs)
 
@@ -334,9 +338,38 @@ def callback_options(callback: type) -> dict[str, bool]:
 
 
 def batch_limit(text: str) -> int | float:
-    """Lightning's meaning: "2" is two batches, "0.5" half of them (``--trainer.limit_test_batches 1``
-    reaches the Trainer as 1.0, i.e. every batch: jsonargparse reads ``int | float`` as a float)."""
+    """Lightning's meaning: "2" is two batches, "0.5" half of them, "1" one batch (see `one_batch_limits`)."""
     return int(text) if text.isdigit() else float(text)
+
+
+BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+
+def yaml_of(source: str) -> Any:
+    """A ``--config`` value (file or inline YAML string) as data; None when it can't be read."""
+    try:
+        is_file = "\n" not in source and Path(source).is_file()
+        return yaml.safe_load(Path(source).read_text(encoding="utf-8") if is_file else source)
+    except (OSError, yaml.YAMLError):
+        return None  # the config checks and jsonargparse report it
+
+
+def one_batch_limits(args: list[str]) -> list[str]:
+    """The ``trainer.limit_*_batches`` whose last value in ``args`` is the integer 1 (a flag "1" or a YAML
+    ``1``). Lightning reads an int as a number of batches and a float as a fraction, but jsonargparse
+    parses its ``float | int`` as 1.0: every batch, the opposite of what was asked."""
+    last: dict[str, Any] = {}
+    for index, arg in enumerate(args):
+        if arg in ("--config", "-c") and index + 1 < len(args) or arg.startswith("--config="):
+            config = yaml_of(arg.split("=", 1)[1] if "=" in arg else args[index + 1])
+            trainer = config.get("trainer") if isinstance(config, dict) else None
+            last.update({name: trainer[name] for name in BATCH_LIMITS if isinstance(trainer, dict) and name in trainer})
+        flag, has_value, value = arg.partition("=")
+        name = flag.removeprefix("--trainer.")
+        if name in BATCH_LIMITS and flag.startswith("--trainer."):
+            text = value if has_value else (args[index + 1] if index + 1 < len(args) else "")
+            last[name] = int(text) if text.strip().isdigit() else text
+    return [name for name, value in last.items() if value == 1 and isinstance(value, int) and not isinstance(value, bool)]
 
 
 def split_flag(tokens: list[str], index: int) -> tuple[str, list[str], int]:

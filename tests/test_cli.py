@@ -228,6 +228,20 @@ def test_demo_runs_end_to_end_and_beats_chance(data_root, tmp_path, capsys):
     assert (tmp_path / "demo" / "version_0" / "attention_stats.png").is_file()
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--trainer.limit_test_batches", "1"], ["limit_test_batches"]),
+    (["--trainer.limit_val_batches=1", "--trainer.limit_train_batches", "0.5"], ["limit_val_batches"]),
+    (["--trainer.limit_test_batches", "1.0"], []),  # a float is a fraction: 1.0 is every batch
+    (["--config", "trainer: {limit_predict_batches: 1, limit_test_batches: 1.0}"], ["limit_predict_batches"]),
+    (["--config", "trainer: {limit_test_batches: 1}", "--trainer.limit_test_batches", "3"], []),  # the last one wins
+    (["--trainer.limit_test_batches", "2", "--config=trainer: {limit_test_batches: 1}"], ["limit_test_batches"]),
+])
+def test_a_batch_limit_of_1_means_one_batch(args, expected):
+    from mmprompt.cli import one_batch_limits
+
+    assert one_batch_limits(["test", *args]) == expected
+
+
 def test_own_class_per_folder_data_trains_end_to_end_and_masks_feed_the_statistics(data_root, tmp_path):
     """Bring your own dataset: folders -> make-split -> fit + test with the tiny backbone."""
     import shutil

@@ -57,6 +57,8 @@ def test_demo_by_name_runs_from_another_directory_and_saves_absolute_paths(data_
                     "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
                     "--trainer.callbacks", "[]"])
     assert type(cli.model.adapter).__name__ == "MaPLe" and cli.trainer.state.finished
+    # "1" is one batch, as Lightning documents (jsonargparse alone would pass 1.0: every batch)
+    assert cli.trainer.limit_test_batches == 1 and cli.trainer.num_test_batches == [1, 1]  # base, new
     saved = yaml.safe_load((tmp_path / "runs" / "demo" / "v" / "config.yaml").read_text())
     assert saved["data"]["root"] == str(tmp_path / "data")  # the saved config re-runs from any folder
 
