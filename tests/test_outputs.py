@@ -284,21 +284,30 @@ def test_checkpoints_written_before_the_renames_load_from_python_with_the_curren
         torch.testing.assert_close(fused(images, classes), logits, atol=2e-5, rtol=0)  # explicit vs fused: 3e-6
 
 
-def test_checkpoints_written_before_the_renames_test_and_export_from_the_command_line(trained_run, tmp_path):
-    old = written_before_the_renames(trained_run / "checkpoints" / "last.ckpt", tmp_path / "old.ckpt",
-                                     {"layers": 9, "branches": "both", "placement": "both", "init_std": 0.5})
-    cli = cli_main(["test", "--ckpt_path", str(old), "--out_dir", str(tmp_path / "runs"), "--version", "old",
-                    "--trainer.enable_progress_bar", "false"])
-    assert cli.model.adapter.init_args == {"depth": 9, "layers": None, "branch": "both", "placement": "both",
-                                           "init_std": 0.5}
-    assert cli.model.speed == CURRENT_SPEED
+#: trained_run's adapter options, under their former names and under the current ones
+OLD_BIAS_OPTIONS = {"layers": 9, "branches": "both", "placement": "both", "init_std": 0.5}
+BIAS_OPTIONS = {"depth": 9, "layers": None, "branch": "both", "placement": "both", "init_std": 0.5}
+
+
+def test_checkpoints_written_before_the_renames_test_and_export_from_the_command_line(trained_run, tmp_path, caplog):
+    old = written_before_the_renames(trained_run / "checkpoints" / "last.ckpt", tmp_path / "old.ckpt", OLD_BIAS_OPTIONS)
+    with caplog.at_level(logging.WARNING, logger="mmprompt.run_config"):
+        cli = cli_main(["test", "--ckpt_path", str(old), "--out_dir", str(tmp_path / "runs"), "--version", "old",
+                        "--trainer.enable_progress_bar", "false"])
+    assert caplog.text.count("was written before options were renamed") == 1
+    assert "adapter.init_args.layers -> depth, adapter.init_args.branches -> branch, text_chunk_size" in caplog.text
+    assert cli.model.adapter.init_args == BIAS_OPTIONS and cli.model.speed == CURRENT_SPEED
     trained = json.loads((trained_run / "results.json").read_text())["metrics"]
     tested = json.loads((tmp_path / "runs" / "BiasTuning-synthetic" / "old" / "results.json").read_text())["metrics"]
     assert tested == pytest.approx(trained, abs=1e-6)
-    assert main(["export", "--ckpt_path", str(old), "--out_dir", str(tmp_path / "export")]) == 0
-    exported = json.loads((tmp_path / "export" / "adapter_config.json").read_text())["adapter_config"]
-    assert exported["init_args"] == {"depth": 9, "layers": None, "branch": "both", "placement": "both", "init_std": 0.5}
-    assert load_adapter(tmp_path / "export").adapter.places == ("attn", "mlp")
+    export = tmp_path / "export"
+    assert main(["export", "--ckpt_path", str(old), "--out_dir", str(export)]) == 0
+    config = json.loads((export / "adapter_config.json").read_text())
+    assert config["adapter_config"]["init_args"] == BIAS_OPTIONS
+    assert load_adapter(export).adapter.places == ("attn", "mlp")
+    config["adapter_config"]["init_args"] = OLD_BIAS_OPTIONS  # an export written before the renames
+    (export / "adapter_config.json").write_text(json.dumps(config))
+    assert load_adapter(export).adapter.init_args == BIAS_OPTIONS
 
 
 def test_custom_datasets_are_named_in_run_folders_and_results(data_root, tmp_path):
