@@ -143,7 +143,8 @@ class MMPromptCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         if args is None or isinstance(args, list):
             check_config_files(sys.argv[1:] if args is None else args)
-            refuse_renamed_options(sys.argv[1:] if args is None else args)
+            if issubclass(self.model_class, PromptCLIPModule):  # the former names are its options (not pretrain's)
+                refuse_renamed_options(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
