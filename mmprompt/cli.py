@@ -37,7 +37,7 @@ from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
 from .module import PromptCLIPModule
 from .predictions import PredictionWriter
 from .results import RESULTS_FILE
-from .run_config import (absolute_path_options, ckpt_path_argument, current_init_args, refuse_renamed_options,
+from .run_config import (absolute_path_options, ckpt_path_argument, refuse_renamed_options, upgrade_hyper_parameters,
                          with_checkpoint_config)
 from .run_logs import KeepEarlierRowsCSVLogger
 from .shipped import with_shipped_configs
@@ -143,7 +143,8 @@ class MMPromptCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         if args is None or isinstance(args, list):
             check_config_files(sys.argv[1:] if args is None else args)
-            refuse_renamed_options(sys.argv[1:] if args is None else args)
+            if issubclass(self.model_class, PromptCLIPModule):  # the former names are its options (not pretrain's)
+                refuse_renamed_options(sys.argv[1:] if args is None else args)
         self.one_batch_limits = one_batch_limits(sys.argv[1:] if args is None else args) if (
             args is None or isinstance(args, list)) else []
         super().parse_arguments(parser, args)
@@ -156,9 +157,8 @@ class MMPromptCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
-        if isinstance(saved.get("adapter"), dict):  # written before the option renames: compare current names
-            saved["adapter"] = {**saved["adapter"], "init_args": current_init_args(saved["adapter"].get("init_args") or {})}
+        # written before the option renames: compare under the current names (with_checkpoint_config told the user)
+        saved = upgrade_hyper_parameters(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
         model = self.config[subcommand].model
         given = {key: plain(model.get(key)) for key in saved if key in model}
         updates = checkpoint_model_options(given, saved, init_defaults(self.model_class), ckpt_path)
@@ -220,7 +220,7 @@ class MMPromptCLI(LightningCLI):
 
         hparams = self.model.hparams
         baseline = PromptCLIPModule(ZeroShot(), model_name=hparams.model_name, pretrained=hparams.pretrained,
-                                    force_quick_gelu=hparams.force_quick_gelu)
+                                    force_quick_gelu=hparams.force_quick_gelu, speed=self.model.speed)
         baseline.use_clip(self.model.clip)  # the very same frozen backbone, random weights too
         callbacks, loggers = self.trainer.callbacks, self.trainer.loggers
         self.trainer.callbacks = [callback for callback in callbacks if isinstance(callback, ProgressBar)]

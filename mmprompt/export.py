@@ -146,11 +146,12 @@ def export_open_clip(module: Any, out_dir: Path) -> Path:
 
 def export_checkpoint(ckpt_path: Path, out_dir: Path, form: str = "auto") -> list[Path]:
     """Export a checkpoint: the adapter form always (unless ``form="open_clip"``), the folded form when possible."""
+    from .checkpoint_io import read_checkpoint
     from .module import PromptCLIPModule
 
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-    hyper_parameters = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+    hyper_parameters = read_checkpoint(ckpt_path).get("hyper_parameters") or {}  # load_from_checkpoint upgrades them
     if "adapter" not in hyper_parameters:
         raise ValueError(f"--ckpt_path {ckpt_path} does not describe its adapter (written by an older mmprompt): "
                          "run `mmprompt test --config RUN/config.yaml --ckpt_path ...` once to re-save, or re-train")

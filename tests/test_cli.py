@@ -140,6 +140,41 @@ def test_former_adapter_option_names_are_refused_naming_the_new_one(data_root, t
     assert cli.model.adapter.layer_indices == {"text": [2], "vision": [2]}
 
 
+def test_speed_options_given_flat_on_the_model_are_refused_naming_model_speed(data_root, tmp_path, capsys):
+    """The seven speed flags moved under model.speed (EncoderOptions); jsonargparse alone says only "not accepted"."""
+    base = ["fit", "--config", str(CONFIGS / "demo.yaml"), "--data.root", str(data_root), "--out_dir", str(tmp_path),
+            "--trainer.fast_dev_run", "1", "--trainer.enable_progress_bar", "false"]
+    assert main([*base, "--model.attention", "explicit"]) == 2
+    error = capsys.readouterr().err
+    assert "--model.attention: model.attention is now model.speed.attention" in error
+    assert "Speed options sit under model.speed, e.g. `speed: {attention: explicit}`" in error
+    old = tmp_path / "old_speed.yaml"
+    old.write_text("model:\n  text_chunk_size: 250\n  speed: {truncate_text: true}\n")
+    assert main([*base, "--config", str(old), "--model.share_text_prefix=false"]) == 2
+    error = capsys.readouterr().err
+    assert f"--config {old}: model.text_chunk_size is now model.speed.text_chunk_size" in error
+    assert "--model.share_text_prefix: model.share_text_prefix is now model.speed.share_text_prefix" in error
+    assert "model.truncate_text" not in error and "Adapter options" not in error  # speed.* is the current place
+
+
+def test_upgrade_hyper_parameters_renames_adapter_options_and_moves_the_speed_flags():
+    from mmprompt.encoders import EncoderOptions
+    from mmprompt.run_config import FORMER_SPEED_OPTIONS, upgrade_hyper_parameters
+
+    assert set(FORMER_SPEED_OPTIONS) <= set(EncoderOptions().as_dict())  # each former flag has its place
+    old = {"adapter": {"class_path": "mmprompt.adapters.IVLP", "init_args": {"n_prompts": 2, "n_vision": 3}},
+           "lr": 0.1, "attention": "explicit", "text_chunk_size": 5, "truncate_text": False}
+    assert upgrade_hyper_parameters(old) == {
+        "adapter": {"class_path": "mmprompt.adapters.IVLP", "init_args": {"n_ctx": 2, "n_ctx_vision": 3}}, "lr": 0.1,
+        "speed": {"text_chunk_size": 5, "attention": "explicit", "truncate_text": False}}
+    assert old["attention"] == "explicit" and "n_prompts" in old["adapter"]["init_args"]  # the input is left as it was
+    bias = {"adapter": {"class_path": "mmprompt.adapters.BiasTuning", "init_args": {"layers": 4, "branches": "text"}}}
+    assert upgrade_hyper_parameters(bias)["adapter"]["init_args"] == {"depth": 4, "branch": "text"}
+    current = {"adapter": {"class_path": "mmprompt.adapters.BiasTuning", "init_args": {"depth": 9, "layers": [0, 5]}},
+               "speed": EncoderOptions().as_dict()}
+    assert upgrade_hyper_parameters(current) == current  # an index list under layers is current
+
+
 def test_checkpoints_written_before_the_renames_are_read_with_the_new_names(tmp_path):
     import torch
 
@@ -280,15 +315,24 @@ def test_prompt_analysis_command_writes_both_tables(data_root, tmp_path, capsys)
     assert "vision_prompt_similarity:" in capsys.readouterr().out
 
 
-def test_compare_zero_shot_reports_zero_shot_clip_on_the_same_backbone_and_classes(data_root, tmp_path, capsys):
+def test_compare_zero_shot_reports_zero_shot_clip_on_the_same_backbone_and_classes(data_root, tmp_path, capsys,
+                                                                                   monkeypatch):
     import lightning as L
 
     from mmprompt.adapters import ZeroShot
+    from mmprompt.encoders import EncoderOptions
     from mmprompt.module import PromptCLIPModule
 
+    tested = []  # (adapter, speed) of each model tested: the baseline runs with the run's speed options
+    test_epoch_start = PromptCLIPModule.on_test_epoch_start
+    monkeypatch.setattr(PromptCLIPModule, "on_test_epoch_start", lambda module: (
+        tested.append((type(module.adapter).__name__, module.speed)), test_epoch_start(module)))
     cli = cli_main(["fit", "--config", str(CONFIGS / "demo.yaml"), "--data.root", str(data_root), "--out_dir",
                     str(tmp_path), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-                    "--trainer.enable_progress_bar", "false", "--compare_zero_shot", "true"])
+                    "--trainer.enable_progress_bar", "false", "--compare_zero_shot", "true",
+                    "--model.speed.cache_text_features", "false"])  # exact, like every speed option
+    speed = EncoderOptions(cache_text_features=False)
+    assert cli.model.speed == speed and tested == [("ZeroShot", speed), ("MaPLe", speed)]
     results = json.loads((tmp_path / "demo" / "version_0" / "results.json").read_text())
     assert set(results["zero_shot_metrics"]) == set(results["metrics"]) == {"test/base/acc", "test/new/acc", "test/hm"}
     zero_shot = PromptCLIPModule(ZeroShot(), model_name="mmprompt-tiny", pretrained=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import subprocess
@@ -19,12 +20,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mmprompt.adapters import BiasTuning, CoupledBiasTuning, MaPLe
+import lightning as L
+
+from mmprompt.adapters import BiasTuning, CoupledBiasTuning, MaPLe, VPTDeep
 from mmprompt.cli import cli_main, main, run_tool
 from mmprompt.commands import TOOLS
 from mmprompt.data.protocol import ClassSet
 from mmprompt.export import export_adapter, export_open_clip, load_adapter
 from mmprompt.data import FewShotDataModule
+from mmprompt.encoders import EncoderOptions
 from mmprompt.module import PromptCLIPModule
 from mmprompt.shipped import resolve_config, shipped_config_names, with_shipped_configs
 
@@ -233,6 +237,79 @@ def test_export_command_from_a_checkpoint_alone(trained_run, tmp_path, capsys):
     assert type(loaded.adapter).__name__ == "BiasTuning" and loaded.adapter.places == ("attn", "mlp")
     assert main(["export", "--ckpt_path", str(tmp_path / "missing.ckpt")]) == 2
     assert "missing.ckpt" in capsys.readouterr().err
+
+
+#: speed options as a checkpoint written before ``model.speed`` held them flat (all seven, defaults included)
+OLD_SPEED = {**EncoderOptions().as_dict(), "attention": "explicit", "text_chunk_size": 5}
+CURRENT_SPEED = EncoderOptions(attention="explicit", text_chunk_size=5)
+
+
+def written_before_the_renames(checkpoint: Path, old: Path, init_args: dict) -> Path:
+    """A copy of ``checkpoint`` as mmprompt wrote it before issue 12: the adapter's options under their
+    former names (``init_args``) and the speed options flat on the model (`OLD_SPEED`)."""
+    saved = torch.load(checkpoint, weights_only=True)
+    hparams = saved["hyper_parameters"]
+    del hparams["speed"]
+    hparams.update(OLD_SPEED)
+    hparams["adapter"]["init_args"] = saved["mmprompt"]["adapter_config"]["init_args"] = dict(init_args)
+    torch.save(saved, old)
+    return old
+
+
+def test_checkpoints_written_before_the_renames_load_from_python_with_the_current_names(tmp_path, caplog):
+    torch.manual_seed(0)
+    trained = PromptCLIPModule(VPTDeep(n_ctx=2, depth=3), model_name="mmprompt-tiny", pretrained="synthetic-world",
+                               speed=CURRENT_SPEED)
+    with torch.no_grad():
+        for parameter in trained.adapter.parameters():
+            parameter.normal_(0, 0.3)
+    trained.set_class_sets(test=[ClassSet("all", ("cat", "dog", "ship"))])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(trained)
+    trainer.save_checkpoint(tmp_path / "current.ckpt")
+    old = written_before_the_renames(tmp_path / "current.ckpt", tmp_path / "old.ckpt",
+                                     {"n_prompts": 2, "depth": 3, "init": "vpt"})
+    with caplog.at_level(logging.WARNING, logger="mmprompt.run_config"):
+        module = PromptCLIPModule.load_from_checkpoint(old).eval()
+    assert f"{old} was written before options were renamed; read with the current names: adapter.init_args.n_prompts " \
+           "-> n_ctx, text_chunk_size -> speed.text_chunk_size, attention -> speed.attention" in caplog.text
+    assert module.adapter.init_args == {"n_ctx": 2, "depth": 3, "init": "vpt"} and module.adapter.vision.depth == 3
+    assert module.speed == CURRENT_SPEED and module.speed.attention == "explicit" and module.speed.text_chunk_size == 5
+    assert module.hparams.speed == CURRENT_SPEED.as_dict() and "attention" not in module.hparams  # re-saved as current
+    current = PromptCLIPModule.load_from_checkpoint(tmp_path / "current.ckpt").eval()
+    fused = PromptCLIPModule.load_from_checkpoint(tmp_path / "current.ckpt", speed=EncoderOptions().as_dict()).eval()
+    images, classes = torch.randn(4, 3, 64, 64), module.class_sets("test")[0]
+    with torch.no_grad():
+        logits = module(images, classes)
+        assert torch.equal(logits, current(images, classes))
+        assert torch.equal(logits, trained.eval()(images, classes))
+        torch.testing.assert_close(fused(images, classes), logits, atol=2e-5, rtol=0)  # explicit vs fused: 3e-6
+
+
+#: trained_run's adapter options, under their former names and under the current ones
+OLD_BIAS_OPTIONS = {"layers": 9, "branches": "both", "placement": "both", "init_std": 0.5}
+BIAS_OPTIONS = {"depth": 9, "layers": None, "branch": "both", "placement": "both", "init_std": 0.5}
+
+
+def test_checkpoints_written_before_the_renames_test_and_export_from_the_command_line(trained_run, tmp_path, caplog):
+    old = written_before_the_renames(trained_run / "checkpoints" / "last.ckpt", tmp_path / "old.ckpt", OLD_BIAS_OPTIONS)
+    with caplog.at_level(logging.WARNING, logger="mmprompt.run_config"):
+        cli = cli_main(["test", "--ckpt_path", str(old), "--out_dir", str(tmp_path / "runs"), "--version", "old",
+                        "--trainer.enable_progress_bar", "false"])
+    assert caplog.text.count("was written before options were renamed") == 1
+    assert "adapter.init_args.layers -> depth, adapter.init_args.branches -> branch, text_chunk_size" in caplog.text
+    assert cli.model.adapter.init_args == BIAS_OPTIONS and cli.model.speed == CURRENT_SPEED
+    trained = json.loads((trained_run / "results.json").read_text())["metrics"]
+    tested = json.loads((tmp_path / "runs" / "BiasTuning-synthetic" / "old" / "results.json").read_text())["metrics"]
+    assert tested == pytest.approx(trained, abs=1e-6)
+    export = tmp_path / "export"
+    assert main(["export", "--ckpt_path", str(old), "--out_dir", str(export)]) == 0
+    config = json.loads((export / "adapter_config.json").read_text())
+    assert config["adapter_config"]["init_args"] == BIAS_OPTIONS
+    assert load_adapter(export).adapter.places == ("attn", "mlp")
+    config["adapter_config"]["init_args"] = OLD_BIAS_OPTIONS  # an export written before the renames
+    (export / "adapter_config.json").write_text(json.dumps(config))
+    assert load_adapter(export).adapter.init_args == BIAS_OPTIONS
 
 
 def test_custom_datasets_are_named_in_run_folders_and_results(data_root, tmp_path):
