@@ -37,8 +37,8 @@ from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
 from .module import PromptCLIPModule
 from .predictions import PredictionWriter
 from .results import RESULTS_FILE
-from .run_config import (absolute_path_options, ckpt_path_argument, refuse_renamed_options, upgrade_hyper_parameters,
-                         with_checkpoint_config)
+from .run_config import (absolute_path_options, ckpt_path_argument, options_given, refuse_renamed_options,
+                         upgrade_hyper_parameters, with_checkpoint_config)
 from .run_logs import KeepEarlierRowsCSVLogger
 from .shipped import with_shipped_configs
 from .tables import write_json_atomic
@@ -345,31 +345,12 @@ def batch_limit(text: str) -> int | float:
 BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
 
 
-def yaml_of(source: str) -> Any:
-    """A ``--config`` value (file or inline YAML string) as data; None when it can't be read."""
-    try:
-        is_file = "\n" not in source and Path(source).is_file()
-        return yaml.safe_load(Path(source).read_text(encoding="utf-8") if is_file else source)
-    except (OSError, yaml.YAMLError):
-        return None  # the config checks and jsonargparse report it
-
-
 def one_batch_limits(args: list[str]) -> list[str]:
     """The ``trainer.limit_*_batches`` whose last value in ``args`` is the integer 1 (a flag "1" or a YAML
     ``1``). Lightning reads an int as a number of batches and a float as a fraction, but jsonargparse
     parses its ``float | int`` as 1.0: every batch, the opposite of what was asked."""
-    last: dict[str, Any] = {}
-    for index, arg in enumerate(args):
-        if arg in ("--config", "-c") and index + 1 < len(args) or arg.startswith("--config="):
-            config = yaml_of(arg.split("=", 1)[1] if "=" in arg else args[index + 1])
-            trainer = config.get("trainer") if isinstance(config, dict) else None
-            last.update({name: trainer[name] for name in BATCH_LIMITS if isinstance(trainer, dict) and name in trainer})
-        flag, has_value, value = arg.partition("=")
-        name = flag.removeprefix("--trainer.")
-        if name in BATCH_LIMITS and flag.startswith("--trainer."):
-            text = value if has_value else (args[index + 1] if index + 1 < len(args) else "")
-            last[name] = int(text) if text.strip().isdigit() else text
-    return [name for name, value in last.items() if value == 1 and isinstance(value, int) and not isinstance(value, bool)]
+    last = {name: value for _, name, value in options_given(args, ("trainer",)) if name in BATCH_LIMITS}
+    return [name for name, value in last.items() if value == 1 and type(value) is int]
 
 
 def split_flag(tokens: list[str], index: int) -> tuple[str, list[str], int]:

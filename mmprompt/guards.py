@@ -32,13 +32,20 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID")
 
 # ---------------------------------------------------------------------- --config files
 
+def config_value(args: list[str], index: int) -> str | None:
+    """The ``--config``/``-c`` value that ``args[index]`` gives (``--config X`` or ``--config=X``), else None."""
+    arg = args[index]
+    if arg in CONFIG_FLAGS and index + 1 < len(args):
+        return args[index + 1]
+    return arg.split("=", 1)[1] if arg.startswith("--config=") else None
+
+
 def config_paths(args: list[str]) -> Iterator[str]:
-    """The values of every ``--config``/``-c`` option in ``args`` (``--config X`` or ``--config=X``)."""
-    for index, arg in enumerate(args):
-        if arg in CONFIG_FLAGS and index + 1 < len(args):
-            yield args[index + 1]
-        elif arg.startswith("--config="):
-            yield arg.split("=", 1)[1]
+    """The values of every ``--config``/``-c`` option in ``args``, in order."""
+    for index in range(len(args)):
+        value = config_value(args, index)
+        if value is not None:
+            yield value
 
 
 def check_config_syntax(path: Path) -> None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import yaml
 
 from .checkpoint_io import read_checkpoint
-from .guards import config_paths
+from .guards import config_value
 
 log = logging.getLogger(__name__)
 
@@ -47,35 +47,36 @@ def renamed_option(name: str, value: Any) -> str | None:
     return RENAMED_ADAPTER_OPTIONS.get(name)
 
 
-def config_sources(args: list[str]) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """(where, parsed YAML) of every ``--config`` file or string in ``args`` that parses to a mapping."""
-    for source in config_paths(args):
-        is_file = "\n" not in source and Path(source).is_file()
-        text = Path(source).read_text(encoding="utf-8") if is_file else source
-        try:
-            config = yaml.safe_load(text)
-        except yaml.YAMLError:
-            continue  # not YAML (or a missing file): the config checks and jsonargparse report it
-        if isinstance(config, dict):
-            yield f"--config {source if is_file else '<YAML string>'}", config
+def parsed_config(source: str) -> tuple[str, Mapping[str, Any]] | None:
+    """(where, parsed YAML) of a ``--config`` file or string; None unless it parses to a mapping."""
+    is_file = "\n" not in source and Path(source).is_file()
+    try:
+        config = yaml.safe_load(Path(source).read_text(encoding="utf-8") if is_file else source)
+    except (OSError, yaml.YAMLError):
+        return None  # not YAML (or a missing file): the config checks and jsonargparse report it
+    return (f"--config {source if is_file else '<YAML string>'}", config) if isinstance(config, dict) else None
 
 
 def options_given(args: list[str], section: tuple[str, ...]) -> list[tuple[str, str, Any]]:
     """(where, name, value) of every option directly under ``section`` (e.g. ``("model", "adapter",
-    "init_args")``) in the ``--config`` files/strings and the flags of ``args``."""
-    given = []
-    for where, config in config_sources(args):
-        options: Any = config
-        for key in section:
-            options = options.get(key) if isinstance(options, dict) else None
-        for name, value in (options.items() if isinstance(options, dict) else ()):
-            given.append((where, name, value))
+    "init_args")``) in the ``--config`` files/strings and the flags of ``args``, in the order given (the
+    last value of a name is the one jsonargparse keeps)."""
     flag = "--" + ".".join(section) + "."
+    given = []
     for index, arg in enumerate(args):
         if arg.startswith(flag):
             name, has_value, value = arg[len(flag):].partition("=")
             value = value if has_value else (args[index + 1] if index + 1 < len(args) else "")
             given.append((f"{flag}{name}", name, flag_value(value)))
+            continue
+        source = config_value(args, index)
+        parsed = parsed_config(source) if source is not None else None
+        if parsed is None:
+            continue
+        where, options = parsed
+        for key in section:
+            options = options.get(key) if isinstance(options, dict) else None
+        given.extend((where, name, value) for name, value in (options.items() if isinstance(options, dict) else ()))
     return given
 
 
