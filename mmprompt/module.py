@@ -75,6 +75,7 @@ def word_embedder(clip: torch.nn.Module, tokenizer: Callable[[list[str]], Tensor
     """``embed_words(phrase)``: the frozen token embeddings (k, width) of a phrase without SOS/EOT,
     what `BuildContext` gives adapters to start their context from words ("a photo of a")."""
 
+    @torch.no_grad()
     def embed_words(text: str) -> Tensor:
         ids = tokenizer([text])[0]
         eot = int(ids.argmax())
@@ -190,7 +191,6 @@ class PromptCLIPModule(L.LightningModule):
         self._prompt_cache.clear()
         self._text_cache.clear()
 
-    @torch.no_grad()
     def train(self, mode: bool = True) -> "PromptCLIPModule":
         """Keep the frozen backbone in eval mode whatever Lightning asks of the module."""
         super().train(mode)
