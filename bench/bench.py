@@ -168,7 +168,7 @@ def bench_eval(bench: Bench) -> None:
         for path in bench.paths:
             bench.call("warmup", path, lambda: module(warm, class_set(8)), warm, keep=False)
         for path in ("fast", "recorded"):
-            bench.paths[path].text_cache.clear()  # a new evaluation: on_test_epoch_start
+            bench.paths[path].caches.features.clear()  # a new evaluation: on_test_epoch_start
             bench.call("text_once", path, lambda: module.text_features(classes))
         for index in range(settings.eval_batches):
             bench.call("eval", "fast", lambda: module(images, classes), images)

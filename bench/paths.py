@@ -21,7 +21,7 @@ from torch import Tensor
 
 from mmprompt.attention import AttendFn, AttentionSite, attention_scores, softmax_attention
 from mmprompt.encoders import EncoderOptions
-from mmprompt.module import PromptCLIPModule
+from mmprompt.module import PromptCLIPModule, TextCaches
 
 FAST_OPTIONS = EncoderOptions(truncate_text=True, bucket_text=False, prune_last_layer=True, share_text_prefix=True,
                               attention="fused", cache_text_features=True)
@@ -94,12 +94,11 @@ def naive_recorder(module: PromptCLIPModule) -> tuple[AttendFn, str]:
 
 @dataclass
 class PathState:
-    """Options, probe and private caches of one path, swapped into the shared module."""
+    """Options, probe and text caches of one path, swapped into the shared module."""
 
     options: EncoderOptions
     probe: AttendFn | None = None
-    prompt_cache: dict = field(default_factory=dict)
-    text_cache: dict = field(default_factory=dict)
+    caches: TextCaches = field(default_factory=TextCaches)
 
 
 @contextmanager
@@ -107,19 +106,15 @@ def running(module: PromptCLIPModule, state: PathState, images: Tensor | None = 
     """Run ``module`` as ``state`` says; restores the module's own options, probe and caches.
 
     The probe is attached first (`PromptCLIPModule.probed` drops the module's cached text features),
-    then the path's own caches are swapped in, so a path keeps its cache from one call to the next."""
-    with ExitStack() as probe:
+    then the path's own options and caches (`PromptCLIPModule.running_with`), so a path keeps its
+    cache from one call to the next."""
+    with ExitStack() as stack:
         if state.probe is not None:
-            probe.enter_context(module.probed(state.probe))
-        saved = (module.speed, module._prompt_cache, module._text_cache)
-        module.speed = state.options
-        module._prompt_cache, module._text_cache = state.prompt_cache, state.text_cache
+            stack.enter_context(module.probed(state.probe))
+        stack.enter_context(module.running_with(state.options, state.caches))
         if state.probe is not None and images is not None and hasattr(state.probe, "set_batch"):
             state.probe.set_batch(center_foreground(images.shape[0], module.spec.num_patches).to(images.device), None)
-        try:
-            yield
-        finally:
-            module.speed, module._prompt_cache, module._text_cache = saved
+        yield
 
 
 def make_paths(module: PromptCLIPModule) -> tuple[dict[str, PathState], str]:

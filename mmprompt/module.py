@@ -8,6 +8,7 @@ import os
 import random
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import lightning as L
@@ -94,6 +95,14 @@ def build_adapter(config: dict[str, Any]) -> Adapter:
     if not (isinstance(adapter_class, type) and issubclass(adapter_class, Adapter)):
         raise ValueError(f"adapter class_path {config['class_path']!r} is not an mmprompt Adapter")
     return adapter_class(**current_init_args(config.get("init_args") or {}))
+
+
+@dataclass
+class TextCaches:
+    """A module's text-side caches: tokenized prompts per (class set, device), text features per class set."""
+
+    prompts: dict[tuple[ClassSet, torch.device], tuple[TokenizedPrompts, int]] = field(default_factory=dict)
+    features: dict[ClassSet, Tensor] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -190,6 +199,20 @@ class PromptCLIPModule(L.LightningModule):
         self.clip = freeze(clip)
         self._prompt_cache.clear()
         self._text_cache.clear()
+
+    @contextmanager
+    def running_with(self, speed: EncoderOptions | dict[str, Any], caches: TextCaches | None = None,
+                     ) -> Iterator[TextCaches]:
+        """Run under other speed options with text caches of their own (``caches``, which the caller may keep
+        from one call to the next, or fresh ones); the module's own options and caches come back on
+        leaving. How the benchmark compares paths on one module without rebuilding it."""
+        caches = TextCaches() if caches is None else caches
+        saved = self.speed, self._prompt_cache, self._text_cache
+        self.speed, self._prompt_cache, self._text_cache = EncoderOptions.parse(speed), caches.prompts, caches.features
+        try:
+            yield caches
+        finally:
+            self.speed, self._prompt_cache, self._text_cache = saved
 
     def train(self, mode: bool = True) -> "PromptCLIPModule":
         """Keep the frozen backbone in eval mode whatever Lightning asks of the module."""

@@ -104,6 +104,23 @@ def test_cached_and_uncached_evaluation_predict_the_same(images):
         _close(a, b)
 
 
+def test_running_with_other_options_keeps_its_own_caches_and_restores_the_module(images):
+    module = _module(MaPLe(n_ctx=2, depth=9))
+    own = module.speed
+    with torch.no_grad():
+        module.on_test_epoch_start()
+        fast = module(images, CLASSES)
+        with module.running_with(NAIVE | {"cache_text_features": True}) as caches:
+            assert module.speed.attention == "explicit" and not module.speed.truncate_text
+            naive = module(images, CLASSES)
+            assert list(caches.features) == [CLASSES] and len(caches.prompts) == 1
+        again = module(images, CLASSES)
+    assert module.speed == own and list(module._text_cache) == [CLASSES]  # its own, as before the block
+    assert caches.features[CLASSES] is not module._text_cache[CLASSES]
+    _close(naive, fast)
+    assert torch.equal(again, fast)
+
+
 def test_text_cache_is_bypassed_while_text_prompts_train():
     module = _module(MaPLe(n_ctx=2, depth=3)).train()
     with torch.enable_grad():
