@@ -28,10 +28,9 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from .checkpoint_io import AtomicCheckpointIO, read_checkpoint
-from .commands import ALIASES, TOOLS, answer_without_imports
+from .commands import ALIASES, TOOLS, answer_without_imports, run_tool, shown_without_traceback
 from .data.datamodule import FewShotDataModule
-from .files import UnreadableFile
-from .guards import (checkpoint_model_options, check_config_files, config_paths, error_text, init_defaults,
+from .guards import (checkpoint_model_options, check_config_files, config_paths, init_defaults,
                      is_global_rank_zero, refuse_reused_run_dir)
 from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
 from .module import PromptCLIPModule
@@ -47,9 +46,6 @@ log = logging.getLogger(__name__)
 RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it launches inherit it
 # cli_main always passes the (rewritten) command line as ``args``: Lightning's warning about that is noise
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, UnreadableFile)
-
-
 def image_size_of(model_name: str) -> int:
     """The input size of an open_clip architecture, so data.image_size always matches the model."""
     import open_clip
@@ -502,13 +498,6 @@ def print_results(columns: dict[str, dict[str, float]], run_dir: Path) -> None:
     print(f"  results: {run_dir / RESULTS_FILE}")
 
 
-def run_tool(command: str, argv: list[str]) -> int:
-    module_name, _ = TOOLS[command]
-    tool_main: Callable[[list[str]], Any] = importlib.import_module(module_name).main
-    status = tool_main(argv)
-    return status if isinstance(status, int) else 0
-
-
 def cli_main(args: list[str] | None = None) -> MMPromptCLI:
     """Run LightningCLI (importable for tests: ``cli_main(["fit", "--config", ...])``)."""
     args = with_checkpoint_config(with_shipped_configs(list(sys.argv[1:] if args is None else args)))
@@ -523,27 +512,25 @@ def cli_main(args: list[str] | None = None) -> MMPromptCLI:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every ``mmprompt`` subcommand (the entry point sends only the Lightning stages and aliases here)."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     quick = answer_without_imports(argv)
     if quick is not None:
         return quick
-    try:
+
+    def run() -> int:
         if argv[0] in TOOLS:
             return run_tool(argv[0], argv[1:])
         if argv[0] in ALIASES:
             analysis_main(argv[0], argv[1:])
-            return 0
-        if argv[0] == "pretrain":
+        elif argv[0] == "pretrain":
             pretrain_main(argv[1:])
-            return 0
-        cli_main(None if from_command_line else argv)
-    except ERRORS_SHOWN_WITHOUT_TRACEBACK as error:
-        if os.environ.get("MMPROMPT_DEBUG"):
-            raise
-        print(f"mmprompt: error: {error_text(error)}", file=sys.stderr)
-        return 2
-    return 0
+        else:
+            cli_main(None if from_command_line else argv)
+        return 0
+
+    return shown_without_traceback(run)
 
 
 if __name__ == "__main__":

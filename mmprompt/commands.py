@@ -1,14 +1,24 @@
-"""The ``mmprompt`` command's entry point: answers ``--help`` and ``--version`` without importing torch.
+"""The ``mmprompt`` command's entry point: answers ``--help`` and ``--version`` without importing torch,
+and runs the tools (`TOOLS`) with only the imports each needs (``report``, ``sweep``, ``methods``:
+none of torch, so they start in a fraction of a second).
 
-Everything else goes to `mmprompt.cli.main` (LightningCLI stages and the tool subcommands); only
-that import pays for torch, Lightning and open_clip (~7-9 s), so ``mmprompt --help`` stays instant.
+The Lightning stages and the analysis aliases go to `mmprompt.cli.main`; only that import pays for
+torch, Lightning and open_clip (~5-9 s).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
+from typing import Any, Callable
 
 from . import __version__
+from .files import UnreadableFile
+from .guards import error_text
+
+#: errors the user can fix (a bad option, a missing file): one line on stderr, status 2
+ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, UnreadableFile)
 
 #: subcommands that are plain functions ``main(argv) -> int | Any`` rather than Lightning stages
 TOOLS: dict[str, tuple[str, str]] = {
@@ -49,11 +59,34 @@ def answer_without_imports(args: list[str]) -> int | None:
     return None
 
 
+def shown_without_traceback(run: Callable[[], int]) -> int:
+    """``run()``'s status; an error the user can fix is printed as one line and gives status 2
+    (``MMPROMPT_DEBUG=1`` shows the traceback instead)."""
+    try:
+        return run()
+    except ERRORS_SHOWN_WITHOUT_TRACEBACK as error:
+        if os.environ.get("MMPROMPT_DEBUG"):
+            raise
+        print(f"mmprompt: error: {error_text(error)}", file=sys.stderr)
+        return 2
+
+
+def run_tool(command: str, argv: list[str]) -> int:
+    """Run one of `TOOLS`: its module's ``main(argv)``."""
+    tool_main: Callable[[list[str]], Any] = importlib.import_module(TOOLS[command][0]).main
+    status = tool_main(argv)
+    return status if isinstance(status, int) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``mmprompt ...``: top-level help and version here, the rest in `mmprompt.cli.main`."""
-    status = answer_without_imports(list(sys.argv[1:] if argv is None else argv))
+    """``mmprompt ...``: top-level help and version here; the tools import only what they need (report,
+    sweep and methods no torch, so they start at once); the Lightning stages go to `mmprompt.cli.main`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    status = answer_without_imports(args)
     if status is not None:
         return status
+    if args[0] in TOOLS:
+        return shown_without_traceback(lambda: run_tool(args[0], args[1:]))
     from .cli import main as run
 
     return run(argv)

@@ -23,7 +23,8 @@ import yaml
 import lightning as L
 
 from mmprompt.adapters import BiasTuning, CoupledBiasTuning, MaPLe, VPTDeep
-from mmprompt.cli import cli_main, main, run_tool
+from mmprompt.cli import cli_main, main
+from mmprompt.commands import run_tool
 from mmprompt.commands import TOOLS
 from mmprompt.data.protocol import ClassSet
 from mmprompt.export import export_adapter, export_open_clip, load_adapter

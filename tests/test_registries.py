@@ -175,8 +175,16 @@ def test_a_method_config_the_table_cannot_read_is_named(tmp_path, config, messag
         method_table.method_rows(tmp_path, [coop])
 
 
-def test_listing_the_methods_imports_no_torch():
-    out = subprocess.run([sys.executable, "-c", "import sys; from mmprompt.method_table import main; main([]); "
+@pytest.mark.parametrize("tool", ["report", "sweep", "methods"])
+def test_the_instant_tools_start_without_importing_torch(tool):
+    code = (f"import sys\nfrom mmprompt.commands import main\ntry:\n    main([{tool!r}, '--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert f"mmprompt {tool}" in out and out.splitlines()[-1] == "torch imported: False"
+
+
+def test_mmprompt_methods_lists_the_registry_without_importing_torch():
+    out = subprocess.run([sys.executable, "-c", "import sys; from mmprompt.commands import main; main(['methods']); "
                           "print('torch' in sys.modules)"], capture_output=True, text=True, check=True, cwd=REPO).stdout
     lines = out.splitlines()
     assert [line.split()[:2] for line in lines[:-1]] == [[info.name, info.label] for info in methods()]
