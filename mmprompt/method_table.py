@@ -78,14 +78,14 @@ def method_row(info: MethodInfo, configs_dir: Path) -> MethodRow:
         raise FileNotFoundError(f"method {info.name!r} ({info.class_path}) is registered but its default "
                                 f"config {path} does not exist: add it (register_method(config=...) names another)")
     text = path.read_text(encoding="utf-8")
-    adapter = ((yaml.safe_load(text) or {}).get("model") or {}).get("adapter") or {}
+    model = (yaml.safe_load(text) or {}).get("model") or {}
+    adapter = model.get("adapter") or {}
     if "class_path" not in adapter:
         raise ValueError(f"{path}: expected model.adapter.class_path (the class of method {info.name!r})")
     summary = first_sentence(header_comment(text))
     if not summary:
         raise ValueError(f"{path}: start the config with a comment saying what the method is "
                          f"(its first sentence is the method's row in docs/methods.md)")
-    model = yaml.safe_load(text)["model"]
     return MethodRow(info, summary, adapter["class_path"], dict(adapter.get("init_args") or {}), training_of(model))
 
 
