@@ -17,7 +17,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from jsonargparse import Namespace
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it launches inherit it
 # cli_main always passes the (rewritten) command line as ``args``: Lightning's warning about that is noise
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+
+
 def image_size_of(model_name: str) -> int:
     """The input size of an open_clip architecture, so data.image_size always matches the model."""
     import open_clip
@@ -137,12 +139,12 @@ class MMPromptCLI(LightningCLI):
         return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        if args is None or isinstance(args, list):
-            check_config_files(sys.argv[1:] if args is None else args)
+        given = sys.argv[1:] if args is None else args  # a list; a dict or Namespace is already parsed
+        self.one_batch_limits = one_batch_limits(given) if isinstance(given, list) else []
+        if isinstance(given, list):
+            check_config_files(given)
             if issubclass(self.model_class, PromptCLIPModule):  # the former names are its options (not pretrain's)
-                refuse_renamed_options(sys.argv[1:] if args is None else args)
-        self.one_batch_limits = one_batch_limits(sys.argv[1:] if args is None else args) if (
-            args is None or isinstance(args, list)) else []
+                refuse_renamed_options(given)
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:

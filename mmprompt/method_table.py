@@ -132,7 +132,7 @@ def markdown(rows: Sequence[MethodRow], counts: dict[str, int] | None = None, mo
 
 
 def plain(rows: Sequence[MethodRow], counts: dict[str, int] | None = None) -> str:
-    """The table for a terminal: name, class, config (and parameters), then what each method is."""
+    """The table for a terminal: name, class (and parameters), then what each method is."""
     lines = []
     for row in rows:
         count = f"{counts[row.info.name]:>11,}  " if counts is not None else ""
@@ -150,9 +150,8 @@ def docs_table(text: str, where: str = "docs") -> str:
 
 def with_docs_table(text: str, table: str, where: str = "docs") -> str:
     """``text`` with the generated table between its markers replaced by ``table``."""
-    old = docs_table(text, where)
-    start = text.find(TABLE_START) + len(TABLE_START)
-    return text[:start] + "\n" + table + text[start + 1 + len(old):]
+    docs_table(text, where)  # both markers, in order
+    return text[:text.find(TABLE_START) + len(TABLE_START)] + "\n" + table + text[text.find(TABLE_END):]
 
 
 def counts_in_docs(text: str) -> dict[str, int]:
