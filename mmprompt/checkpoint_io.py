@@ -8,14 +8,16 @@ Loading turns a zero-byte, truncated or foreign file into one error naming it (`
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .files import UnreadableFile
+from .files import UnreadableFile, unwritable
 
 
 def checked_checkpoint(loaded: Any, path: str | os.PathLike) -> dict[str, Any]:
@@ -51,6 +53,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checked_checkpoint(loaded, path)
 
 
+def errno_of_failed_write(path: Path) -> int:
+    """torch's writer does not say why a write failed; a disk without free space is the usual cause."""
+    try:
+        return errno.ENOSPC if shutil.disk_usage(path.parent).free < 1 << 20 else errno.EIO
+    except OSError:
+        return errno.EIO
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`TorchCheckpointIO` whose saves are atomic on local filesystems."""
 
@@ -58,14 +68,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)  # remote: fsspec's transaction
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(partial, "wb") as handle:
                 torch.save(checkpoint, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(partial, path)
+        except OSError as err:
+            raise unwritable(path, err, "checkpoint") from err
+        except RuntimeError as err:  # torch's zip writer reports a failed write as a RuntimeError
+            if "write" not in str(err):
+                raise
+            raise unwritable(path, OSError(errno_of_failed_write(path), "write failed"), "checkpoint") from err
         finally:
             partial.unlink(missing_ok=True)
 

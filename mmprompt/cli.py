@@ -17,7 +17,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from jsonargparse import Namespace
@@ -26,18 +26,22 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
+from .backbone import BUNDLED_PRETRAINED
 from .checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from .commands import ALIASES, TOOLS, answer_without_imports, run_tool, shown_without_traceback
 from .data.datamodule import FewShotDataModule
+from .files import is_write_error, unwritable
 from .guards import (checkpoint_model_options, check_config_files, config_paths, init_defaults,
-                     is_global_rank_zero, refuse_reused_run_dir)
+                     is_global_rank_zero, outside_tiny_world, refuse_reused_run_dir)
 from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
 from .module import PromptCLIPModule
 from .predictions import PredictionWriter
 from .results import RESULTS_FILE
-from .run_config import (absolute_path_options, ckpt_path_argument, options_given, refuse_renamed_options,
-                         upgrade_hyper_parameters, with_checkpoint_config)
+from .run_config import (PRETRAINED_WEIGHTS_FILE, absolute_path_options, ckpt_path_argument, options_given,
+                         refuse_renamed_options, upgrade_hyper_parameters, with_checkpoint_config)
+from .run_folder import SIGTERM_STATUS, RunLock, SaveOnSigterm, last_checkpoint_required, sigterm_message
 from .run_logs import KeepEarlierRowsCSVLogger
 from .shipped import with_shipped_configs
 from .tables import write_json_atomic
@@ -85,10 +89,15 @@ def claim_run_dir(out_dir: str, name: str, version: str | None) -> Path:
     if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
         return Path(inherited)
     version = version or slurm_version()
-    if version is None and launched_by_torchrun():
-        run_dir = agree_with_rank_zero(lambda: create_run_dir(out_dir, name, None))
-    else:
-        run_dir = create_run_dir(out_dir, name, version)
+    try:
+        if version is None and launched_by_torchrun():
+            run_dir = agree_with_rank_zero(lambda: create_run_dir(out_dir, name, None))
+        else:
+            run_dir = create_run_dir(out_dir, name, version)
+    except OSError as err:
+        if not is_write_error(err):
+            raise
+        raise unwritable(err.filename, err, f"the run folder (--out_dir {out_dir}):") from err
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
 
@@ -122,6 +131,20 @@ def add_run_folder_arguments(parser: LightningArgumentParser, default_name: str)
 class MMPromptCLI(LightningCLI):
     """LightningCLI with run folders, adapter-only checkpoints, test-after-fit and results.json."""
 
+    run_lock: RunLock | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """The run folder's lock (`instantiate_trainer`) is held while the command runs, here."""
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Option errors raise (`mmprompt.cli.main` prints one line) instead of a usage dump; --help keeps it."""
+        return super().init_parser(**{"exit_on_error": False, **kwargs})
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         add_run_folder_arguments(parser, "'<Adapter>-<dataset>'")
         parser.add_argument("--protocol", type=str, default="custom",
@@ -140,9 +163,10 @@ class MMPromptCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         given = sys.argv[1:] if args is None else args  # a list; a dict or Namespace is already parsed
+        if isinstance(given, list):
+            check_config_files(given)  # first: the readers below skip a config that is not a YAML mapping
         self.one_batch_limits = one_batch_limits(given) if isinstance(given, list) else []
         if isinstance(given, list):
-            check_config_files(given)
             if issubclass(self.model_class, PromptCLIPModule):  # the former names are its options (not pretrain's)
                 refuse_renamed_options(given)
         super().parse_arguments(parser, args)
@@ -179,8 +203,11 @@ class MMPromptCLI(LightningCLI):
         config = self._run_config()
         trainer_config = self._get(self.config_init, "trainer", default={})
         self.run_dir = claim_run_dir(config.out_dir, config.name or self._default_name(), config.version)
-        if config.version is not None and is_global_rank_zero():
-            refuse_reused_run_dir(self.run_dir, self.subcommand, config.get("ckpt_path"))
+        if is_global_rank_zero():
+            self.run_lock = RunLock(self.run_dir).acquire()
+            if config.version is not None:
+                refuse_reused_run_dir(self.run_dir, self.subcommand, config.get("ckpt_path"))
+        last_checkpoint_required(self.run_dir, self.subcommand, config.get("ckpt_path"))
         out_dir, name, version = str(self.run_dir.parent.parent), self.run_dir.parent.name, self.run_dir.name
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         kwargs.update({name: 1 for name in self.one_batch_limits})  # one batch, not 1.0 = every batch
@@ -188,7 +215,11 @@ class MMPromptCLI(LightningCLI):
             kwargs["logger"] = run_loggers(out_dir, name, version, trainer_config.get("logger"))
         callbacks = list(trainer_config.get("callbacks") or [])
         if not any(isinstance(callback, ModelCheckpoint) for callback in callbacks):
-            callbacks.append(ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True))
+            # no version counter: last.ckpt stays the newest even after the folder moved (last-v1.ckpt otherwise)
+            callbacks.append(ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True,
+                                             enable_version_counter=False))
+        if self.subcommand == "fit":
+            callbacks.append(SaveOnSigterm(self.run_dir / "checkpoints" / "last.ckpt"))
         if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in callbacks):
             callbacks.append(PredictionWriter(self.run_dir))
         if kwargs.get("logger", trainer_config.get("logger")) and self.subcommand == "fit":
@@ -199,6 +230,16 @@ class MMPromptCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """Warn once when the bundled tiny CLIP meets a dataset outside its generated world."""
+        if not isinstance(self.model, PromptCLIPModule) or not isinstance(self.datamodule, FewShotDataModule):
+            return  # pretraining: the world itself
+        hparams, spec = self.model.hparams, self.datamodule.spec
+        warning = outside_tiny_world((hparams.model_name, hparams.pretrained) in BUNDLED_PRETRAINED,
+                                     spec.generate is not None, self.datamodule.name, hparams.pretrained)
+        if warning:
+            rank_zero_warn(warning)
 
     # ------------------------------------------------------------------ after the stages
 
@@ -274,8 +315,6 @@ class PretrainCLI(MMPromptCLI):
             path = self.model.export(self.run_dir / PRETRAINED_WEIGHTS_FILE)
             print(f"  open_clip weights: {path}")
 
-
-PRETRAINED_WEIGHTS_FILE = "open_clip_weights.pt"
 
 
 def pretrain_main(argv: list[str]) -> PretrainCLI:
@@ -532,7 +571,39 @@ def main(argv: list[str] | None = None) -> int:
             cli_main(None if from_command_line else argv)
         return 0
 
-    return shown_without_traceback(run)
+    return shown_without_traceback(lambda: with_user_errors(run))
+
+
+def with_user_errors(run: Callable[[], int]) -> int:
+    """``run()``, with the errors of jsonargparse (a mistyped option: `MMPromptCLI.init_parser`) and of
+    Lightning's option checks as one-line errors, and SIGTERM as `SIGTERM_STATUS` (`mmprompt.run_folder`)."""
+    from argparse import ArgumentError
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        return run()
+    except SIGTERMException:
+        run_dir = os.environ.get(RUN_DIR_ENV)
+        print(f"mmprompt: error: {sigterm_message(Path(run_dir) if run_dir else None)}", file=sys.stderr)
+        return SIGTERM_STATUS
+    except ArgumentError as error:
+        raise ValueError(f"{error}; `mmprompt {{fit,test,...}} --help` lists the options") from error
+    except MisconfigurationException as error:
+        raise ValueError(trainer_option_error(str(error))) from error
+
+
+#: Lightning's messages for an accelerator this machine does not have
+NO_DEVICE_MESSAGES = ("No supported gpu backend found", "can not run on your system since the accelerator is not available")
+
+
+def trainer_option_error(message: str) -> str:
+    """Lightning's message about an impossible Trainer option, naming the option a user sets."""
+    if any(sign in message for sign in NO_DEVICE_MESSAGES):
+        return (f"--trainer.accelerator: {message.split(' The following', 1)[0]} (this machine has no such device); "
+                "use --trainer.accelerator cpu, or auto to take a GPU only where there is one")
+    return f"a --trainer option is not possible here: {message}"
 
 
 if __name__ == "__main__":

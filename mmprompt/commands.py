@@ -14,11 +14,12 @@ import sys
 from typing import Any, Callable
 
 from . import __version__
-from .files import UnreadableFile
+from .files import UnreadableFile, UnwritableFile, is_write_error, unwritable
 from .guards import error_text
 
 #: errors the user can fix (a bad option, a missing file): one line on stderr, status 2
-ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, UnreadableFile)
+ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, NotImplementedError,
+                                  UnreadableFile, UnwritableFile)
 
 #: subcommands that are plain functions ``main(argv) -> int | Any`` rather than Lightning stages
 TOOLS: dict[str, tuple[str, str]] = {
@@ -64,11 +65,19 @@ def shown_without_traceback(run: Callable[[], int]) -> int:
     (``MMPROMPT_DEBUG=1`` shows the traceback instead)."""
     try:
         return run()
-    except ERRORS_SHOWN_WITHOUT_TRACEBACK as error:
-        if os.environ.get("MMPROMPT_DEBUG"):
+    except (*ERRORS_SHOWN_WITHOUT_TRACEBACK, OSError) as error:
+        if os.environ.get("MMPROMPT_DEBUG") or not shown_as_one_line(error):
             raise
+        if is_write_error(error):  # a full disk or a read-only folder, from any writer
+            error = unwritable(error.filename, error)
         print(f"mmprompt: error: {error_text(error)}", file=sys.stderr)
         return 2
+
+
+def shown_as_one_line(error: BaseException) -> bool:
+    """An error the user can fix: one of `ERRORS_SHOWN_WITHOUT_TRACEBACK`, or a write the disk or the
+    folder's permissions refused (`mmprompt.files.is_write_error`)."""
+    return isinstance(error, ERRORS_SHOWN_WITHOUT_TRACEBACK) or is_write_error(error)
 
 
 def run_tool(command: str, argv: list[str]) -> int:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .encoders import Injection
+from .files import write_bytes_atomic
 from .tables import write_json_atomic
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -39,13 +40,13 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.pt"
 
 def export_adapter(module: Any, out_dir: Path) -> list[Path]:
     """Write ``adapter.safetensors`` + ``adapter_config.json`` of a PromptCLIPModule into ``out_dir``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from .module import ADAPTER_PREFIX
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {key[len(ADAPTER_PREFIX):]: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
-    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS))
+    write_bytes_atomic(out_dir / ADAPTER_WEIGHTS, save(tensors))  # save_file would make it 0600
     write_json_atomic(out_dir / ADAPTER_CONFIG, module.describe(), indent=2)
     return [out_dir / ADAPTER_WEIGHTS, out_dir / ADAPTER_CONFIG]
 
@@ -144,20 +145,26 @@ def export_open_clip(module: Any, out_dir: Path) -> Path:
 # ---------------------------------------------------------------------- command line
 
 
-def export_checkpoint(ckpt_path: Path, out_dir: Path, form: str = "auto") -> list[Path]:
-    """Export a checkpoint: the adapter form always (unless ``form="open_clip"``), the folded form when possible."""
+def export_checkpoint(ckpt_path: Path, out_dir: Path, form: str = "auto", overwrite: bool = False) -> list[Path]:
+    """Export a checkpoint: the adapter form always (unless ``form="open_clip"``), the folded form when
+    possible; into an empty ``out_dir`` unless ``overwrite`` (`clear_out_dir`)."""
     from .checkpoint_io import read_checkpoint
     from .module import PromptCLIPModule
+    from .run_config import is_pretraining_checkpoint, pretraining_checkpoint_error
 
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-    hyper_parameters = read_checkpoint(ckpt_path).get("hyper_parameters") or {}  # load_from_checkpoint upgrades them
+    checkpoint = read_checkpoint(ckpt_path)
+    if is_pretraining_checkpoint(checkpoint):
+        raise pretraining_checkpoint_error(ckpt_path, checkpoint)
+    hyper_parameters = checkpoint.get("hyper_parameters") or {}  # load_from_checkpoint upgrades them
     if "adapter" not in hyper_parameters:
         raise ValueError(f"--ckpt_path {ckpt_path} does not describe its adapter (written by an older mmprompt): "
                          "run `mmprompt test --config RUN/config.yaml --ckpt_path ...` once to re-save, or re-train")
     if hyper_parameters.get("pretrained") is None:
         print("  note: the backbone has random weights (pretrained: null); the open_clip export holds them")
     module = PromptCLIPModule.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    clear_out_dir(out_dir, overwrite)
     written = export_adapter(module, out_dir) if form in ("auto", "adapter", "both") else []
     if form in ("open_clip", "both"):
         written.append(export_open_clip(module, out_dir))
@@ -176,12 +183,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for the exported files (default: <run folder>/export)")
     parser.add_argument("--format", choices=("auto", "adapter", "open_clip", "both"), default="auto",
                         help="auto: the adapter form, plus the folded open_clip model when the method allows it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="export into a folder that is not empty (an earlier export's files are removed first)")
     return parser
+
+
+EXPORTED_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPEN_CLIP_WEIGHTS)
+
+
+def clear_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a non-empty ``out_dir`` unless ``overwrite``; then remove an earlier export's files, so
+    no file of it (an open_clip model of another adapter) is left beside the new export."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out_dir {out_dir} is a file; expected a folder for the exported files")
+    present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if present and not overwrite:
+        raise FileExistsError(f"--out_dir {out_dir} is not empty ({', '.join(present[:5])}{', ...' if len(present) > 5 else ''}); "
+                              "choose an empty or new folder, or give --overwrite to replace an earlier export")
+    for name in EXPORTED_FILES:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = args.out_dir or args.ckpt_path.resolve().parent.parent / "export"
-    for path in export_checkpoint(args.ckpt_path, out_dir, args.format):
+    for path in export_checkpoint(args.ckpt_path, out_dir, args.format, args.overwrite):
         print(f"  exported: {path}")
     return 0

@@ -8,7 +8,9 @@ through here, so the final files get the modes a plain ``open()``/``mkdir()`` wo
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,46 @@ from pathlib import Path
 class UnreadableFile(OSError):
     """A file that exists but cannot be read as what it should be (a truncated image, a damaged
     checkpoint): the CLI shows its message without a traceback."""
+
+
+class UnwritableFile(OSError):
+    """A file or folder that cannot be written (a full disk, a read-only folder): the CLI shows its
+    message, which names the path and what to do, without a traceback."""
+
+
+#: errors of a write the user can fix by freeing space or choosing another folder
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST)
+
+
+def free_space(path: Path) -> str:
+    """Free space on the filesystem holding ``path`` (its nearest existing folder), e.g. ``"12.0 MB"``."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:.1f} MB"
+    except OSError:
+        return "unknown"
+
+
+def unwritable(path: str | os.PathLike, err: OSError, what: str = "") -> UnwritableFile:
+    """The error for a failed write at ``path`` (of ``what``, e.g. "checkpoint"): the reason, the
+    disk's free space when it is full, and what to do."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = (f"the disk is full ({err.strerror}; {free_space(Path(path))} free on the filesystem holding "
+                  f"{Path(path).parent}); free space there or write to a folder on another disk")
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        reason = f"{err.strerror}: the folder is read-only here; choose a writable folder"
+    elif err.errno == errno.ENOTDIR:
+        reason = f"{err.strerror}: a part of the path is a file, not a folder"
+    else:
+        reason = err.strerror or str(err)
+    return UnwritableFile(f"cannot write {what + ' ' if what else ''}{path}: {reason}")
+
+
+def is_write_error(err: BaseException) -> bool:
+    """True for an OSError that names a path and that freeing space or another folder fixes."""
+    return isinstance(err, OSError) and err.errno in WRITE_ERRNOS and err.filename is not None
 
 
 def current_umask() -> int:
@@ -28,13 +70,18 @@ def current_umask() -> int:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` through a temporary file next to ``path`` and ``os.replace`` it, so concurrent
     readers (other ranks, other jobs) see the old file or the whole new one, never a partial one."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """`write_text_atomic` for bytes (safetensors files): atomic, with the modes of the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -49,10 +49,14 @@ def config_paths(args: list[str]) -> Iterator[str]:
 
 
 def check_config_syntax(path: Path) -> None:
-    """Raise naming ``path``, line and column when it is not valid YAML."""
+    """Raise naming ``path`` (and line and column) when it is not a YAML mapping of options: a syntax
+    error, an empty file, a list or a scalar, or bytes that are not UTF-8."""
     try:
         with open(path, encoding="utf-8") as handle:
-            yaml.safe_load(handle)
+            config = yaml.safe_load(handle)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                         "save the file as UTF-8 YAML") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -61,6 +65,10 @@ def check_config_syntax(path: Path) -> None:
                          "fix the file (indentation, a missing ':' or closing bracket)") from None
     except yaml.YAMLError as err:
         raise ValueError(f"--config {path}: not valid YAML: {err}") from None
+    if not isinstance(config, dict):
+        found = "is empty" if config is None else f"holds a {type(config).__name__}, not a mapping"
+        raise ValueError(f"--config {path} {found}; expected a YAML mapping of options, e.g. "
+                         "`model: {...}`, `data: {...}`, `trainer: {...}`")
 
 
 def check_config_files(args: list[str]) -> None:
@@ -136,6 +144,19 @@ def refuse_reused_run_dir(run_dir: Path, subcommand: str, ckpt_path: str | None)
         f"(or leave it out for the next free version_N), remove the folder, or resume it with "
         f"`mmprompt fit ... --version {run_dir.name} --ckpt_path last`"
     )
+
+
+# ---------------------------------------------------------------------- the tiny CLIP's world
+
+def outside_tiny_world(bundled: bool, generated: bool, dataset: str, pretrained: str) -> str | None:
+    """The warning when the bundled tiny CLIP (``bundled``: weights shipped in the package, pretrained
+    on the generated captioned world) is adapted to a dataset that is not generated (``generated``):
+    it has never seen a photo, so such a run ends near chance. None when the pair is fine."""
+    if not bundled or generated:
+        return None
+    return (f"--model.pretrained {pretrained} is the bundled tiny CLIP: it knows only the generated captioned world "
+            f"(world-shapes, synthetic), not dataset {dataset}; expect accuracy near chance. Real images need a real "
+            "CLIP: --model.model_name ViT-B-16-quickgelu --model.pretrained openai (or a local weights file)")
 
 
 # ---------------------------------------------------------------------- messages

@@ -528,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown)
     first = args.folders[0]
     out = args.out or (first.parent if first.is_file() else first) / "report"
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out_dir {out} is a file; expected a folder for the report's tables")
     for path in write_report(tables, markdown, out, args.format):
         print(f"wrote {path}", file=sys.stderr)
     return 0

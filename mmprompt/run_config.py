@@ -52,7 +52,7 @@ def parsed_config(source: str) -> tuple[str, Mapping[str, Any]] | None:
     is_file = "\n" not in source and Path(source).is_file()
     try:
         config = yaml.safe_load(Path(source).read_text(encoding="utf-8") if is_file else source)
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None  # not YAML (or a missing file): the config checks and jsonargparse report it
     return (f"--config {source if is_file else '<YAML string>'}", config) if isinstance(config, dict) else None
 
@@ -184,9 +184,45 @@ def ckpt_path_argument(args: list[str]) -> str | None:
     return None
 
 
+#: ``--ckpt_path`` values that Lightning resolves itself (not file names)
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
+PRETRAINED_WEIGHTS_FILE = "open_clip_weights.pt"  # what `mmprompt pretrain` exports when it finishes
+
+
+def check_ckpt_path(ckpt_path: str) -> None:
+    """Refuse a ``--ckpt_path`` that names a folder or a missing file, naming it (jsonargparse would
+    only say that ``model.adapter`` is required, since no checkpoint config could be read)."""
+    if ckpt_path in LIGHTNING_CKPT_NAMES or "://" in ckpt_path or ckpt_path.startswith("registry:"):
+        return
+    path = Path(ckpt_path)
+    expected = "expected a .ckpt file written by mmprompt fit, e.g. RUN/checkpoints/last.ckpt"
+    if path.is_dir():
+        last = next((c for c in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if c.is_file()), None)
+        raise ValueError(f"--ckpt_path {path} is a folder; {expected}" + (f" (here: {last})" if last else ""))
+    if not path.exists():
+        raise FileNotFoundError(f"--ckpt_path {path}: no such file; {expected}")
+
+
+def is_pretraining_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """True for a checkpoint of `mmprompt pretrain` (a whole CLIP, no adapter)."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    return "adapter" not in hparams and any(str(key).startswith("clip.") for key in checkpoint.get("state_dict", {}))
+
+
+def pretraining_checkpoint_error(path: str | Path, checkpoint: Mapping[str, Any]) -> ValueError:
+    """What to do with a pretraining checkpoint where an adapter's was expected: use its weights as the backbone."""
+    model_name = (checkpoint.get("hyper_parameters") or {}).get("model_name", "MODEL")
+    run = Path(path).absolute().parent.parent
+    return ValueError(f"--ckpt_path {path} is a checkpoint of `mmprompt pretrain`: it holds a whole CLIP, not an adapter. Train an "
+                      f"adapter on its weights with --model.model_name {model_name} --model.pretrained "
+                      f"{run / PRETRAINED_WEIGHTS_FILE} (written when pretraining finished)")
+
+
 def config_from_checkpoint(path: str | Path) -> dict[str, Any]:
     """``{"model": ..., "data": ...}`` from a checkpoint's saved hyper-parameters (empty if it has none)."""
     checkpoint = read_checkpoint(path)  # an unreadable or foreign file is one clear error, naming it
+    if is_pretraining_checkpoint(checkpoint):
+        raise pretraining_checkpoint_error(path, checkpoint)
     config = {}
     for section, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
         values = {k: v for k, v in (checkpoint.get(key) or {}).items() if k not in NOT_OPTIONS}
@@ -201,6 +237,8 @@ def config_from_checkpoint(path: str | Path) -> dict[str, Any]:
 def with_checkpoint_config(args: list[str]) -> list[str]:
     """``args`` with the checkpoint's own config inserted as the first ``--config`` after the subcommand."""
     ckpt_path = ckpt_path_argument(args)
+    if ckpt_path is not None:
+        check_ckpt_path(ckpt_path)
     if not args or ckpt_path is None or not Path(ckpt_path).is_file():
         return args
     config = config_from_checkpoint(ckpt_path)

@@ -2,8 +2,9 @@
 
 Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts, so a resumed run used to
 keep only the epochs after the resume. This writer keeps the earlier rows: on its first save it
-drops only the rows at or after the first step the new process logs (the part of the killed run
-after its last checkpoint, which the resumed run logs again), then appends as Lightning does.
+drops only the training and validation rows at or after the first step the new process logs (the
+part of the killed run after its last checkpoint, which the resumed run logs again), then appends
+as Lightning does. Test rows are kept at any step: they are an earlier finished run's results.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ def row_step(row: dict[str, str]) -> float:
         return float(row.get("step") or "-inf")
     except ValueError:
         return float("-inf")
+
+
+def is_test_row(row: dict[str, str]) -> bool:
+    """A row of a finished run's test: kept even at a later step, since a resumed run that fails
+    (a full disk) would otherwise leave no record of the results its results.json reports."""
+    return any(key.startswith("test/") and value for key, value in row.items())
 
 
 class KeepEarlierRowsWriter(ExperimentWriter):
@@ -41,7 +48,7 @@ class KeepEarlierRowsWriter(ExperimentWriter):
     def write_earlier_rows(self, first_new_step: float) -> None:
         """Rewrite metrics.csv with the earlier rows logged before ``first_new_step``; the parent's
         ``save`` then appends (or rewrites with a wider header) as usual."""
-        kept = [row for row in self.earlier_rows or [] if row_step(row) < first_new_step]
+        kept = [row for row in self.earlier_rows or [] if row_step(row) < first_new_step or is_test_row(row)]
         self.earlier_rows = None
         if not kept:
             self._fs.rm_file(self.metrics_file_path)

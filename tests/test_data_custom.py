@@ -13,6 +13,7 @@ from PIL import Image
 from data_fakes import make_class_folders
 from mmprompt.data import FewShotDataModule, make_split
 from mmprompt.data.check import main as check_main
+from mmprompt.commands import main
 from mmprompt.data.custom import main as make_split_main
 
 CLASSES = {"red_fox": 10, "grey wolf": 10, "coyote": 10, "dingo": 10}
@@ -46,15 +47,15 @@ def test_make_split_is_seeded_and_proportional(tree):
 def test_make_split_cli(tree, capsys):
     assert make_split_main([str(tree), "--output", str(tree.parent / "s.json"), "--ratios", "0.6", "0.2", "0.2"]) == 0
     assert "4 classes, train 24, val 8, test 8" in capsys.readouterr().out
-    assert make_split_main([str(tree), "--ratios", "0.6", "0.6", "0.2"]) == 1
+    assert main(["make-split", str(tree), "--ratios", "0.6", "0.6", "0.2"]) == 2
     captured = capsys.readouterr()
-    assert "summing to 1" in captured.err and not captured.out  # errors go to stderr
+    assert "mmprompt: error: ratios" in captured.err and "summing to 1" in captured.err and not captured.out
 
 
 def test_make_split_refuses_a_single_class(tmp_path, capsys):
     (tmp_path / "only").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "only" / "a.png")
-    assert make_split_main([str(tmp_path)]) == 1
+    assert main(["make-split", str(tmp_path)]) == 2
     captured = capsys.readouterr()
     assert "only one class folder ('only')" in captured.err and "at least 2 classes" in captured.err
     assert not (tmp_path / "split.json").exists()

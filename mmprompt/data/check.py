@@ -60,23 +60,55 @@ def spread(items: list[Item], limit: int | None) -> list[Item]:
     return [items[int(i * step)] for i in range(limit)]
 
 
+#: splits whose every class must have an image: training needs each, a test accuracy of a class
+#: without test images is meaningless (it used to read 100.00)
+SPLITS_EVERY_CLASS_NEEDS = {"train": "training", "test": "test"}
+
+
 def count_classes(catalog: Catalog, report: CheckReport) -> None:
     for split, items in catalog.splits.items():
         counts = Counter(item.label for item in items)
         report.split_sizes[split] = len(items)
         report.class_counts[split] = {name: counts.get(i, 0) for i, name in enumerate(catalog.classnames)}
-        if split == "train":
-            report.problems += [Problem(f"{split}/{name}", "class has no training images")
-                                for name, n in report.class_counts[split].items() if n == 0]
 
 
-def check_overlap(catalog: Catalog, report: CheckReport) -> None:
-    """The same image in two splits leaks test data into training."""
+def catalog_problems(catalog: Catalog) -> list[Problem]:
+    """What makes a listing unfit to train or test on: an empty train split, a class without training
+    or test images (when it lists any), an image listed twice (in two splits: test data leaks into
+    training)."""
+    problems: list[Problem] = []
+    for split, what in SPLITS_EVERY_CLASS_NEEDS.items():
+        items = catalog.splits.get(split)
+        if not items:  # absent; or an empty test split (``--ratios 1 0 0``: train only, nothing to test)
+            problems += [Problem(split, "the train split lists no images")] if items == [] and split == "train" else []
+            continue
+        counts = Counter(item.label for item in items)
+        problems += [Problem(f"{split}/{name}", f"class has no {what} images")
+                     for label, name in enumerate(catalog.classnames) if counts[label] == 0]
+    return problems + listed_twice(catalog)
+
+
+def listed_twice(catalog: Catalog) -> list[Problem]:
+    """Images listed in two splits (test data leaking into training) or twice in one split."""
+    problems: list[Problem] = []
     seen: dict[str, str] = {}
     for split, items in catalog.splits.items():
-        for item in items:
-            if seen.setdefault(item.path, split) != split:
-                report.problems.append(Problem(item.path, f"listed in both {seen[item.path]} and {split}"))
+        counts = Counter(item.path for item in items)
+        problems += [Problem(path, f"listed {n} times in {split}") for path, n in counts.items() if n > 1]
+        for path in counts:
+            if seen.setdefault(path, split) != split:
+                problems.append(Problem(path, f"listed in both {seen[path]} and {split}"))
+    return problems
+
+
+def refuse_catalog_problems(catalog: Catalog, where: str, shown: int = 5) -> None:
+    """Raise naming the first ``shown`` `catalog_problems` of ``catalog`` (``where``: the dataset and its folder)."""
+    problems = catalog_problems(catalog)
+    if problems:
+        listed = "\n".join(f"  {p.path}: {p.message}" for p in problems[:shown])
+        more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+        raise ValueError(f"{where}: the split listing has {len(problems)} problem(s):\n{listed}{more}\n"
+                         "fix the split file (mmprompt check-data lists every problem)")
 
 
 def check_item(base: Path, item: Item, masks: MaskSource | None, report: CheckReport) -> None:
@@ -111,7 +143,7 @@ def check_dataset(
         return report
     report.classnames = catalog.classnames
     count_classes(catalog, report)
-    check_overlap(catalog, report)
+    report.problems += catalog_problems(catalog)
     masks = spec.masks() if spec.masks is not None else None
     for items in catalog.splits.values():
         for item in spread(items, limit):

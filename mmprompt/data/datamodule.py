@@ -16,6 +16,7 @@ from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader
 
 from .catalog import Catalog, Item, require_files
+from .check import refuse_catalog_problems
 from .custom import resolve_spec
 from .dataset import ItemDataset
 from .distributed import per_device_batch, unrepeated_sampler, world_of
@@ -86,6 +87,9 @@ class FewShotDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.spec: DatasetSpec = resolve_spec(dataset, split_file, image_dir, mask_dir, template)
+        if self.spec.name != "custom" and Path(root).exists() and not Path(root).is_dir():
+            raise NotADirectoryError(f"--data.root {root} is a file; expected the data root folder, which holds one "
+                                     f"folder per dataset ({self.spec.dataset_dir(root)} for {self.spec.name})")
         self.root, self.shots, self.seed = root, check_shots(shots), seed
         self.subsample = subsample
         self.test_subsamples = list(test_subsamples or (["base", "new"] if subsample == "base" else [subsample]))
@@ -148,6 +152,7 @@ class FewShotDataModule(L.LightningDataModule):
             _ = self.catalog
 
     def setup(self, stage: str) -> None:
+        self.check_listing(stage)
         if stage == "fit":
             subset = self.fewshot()
             self.datasets["train"] = [self.make_dataset(subset["train"], self.subsample, train=True)]
@@ -158,6 +163,18 @@ class FewShotDataModule(L.LightningDataModule):
             self.datasets["test"] = [
                 self.make_dataset(self.catalog.split("test"), s, train=False) for s in self.test_subsamples
             ]
+
+    def check_listing(self, stage: str) -> None:
+        """Before anything runs: the listing has no empty split or class, no image listed twice (as
+        ``mmprompt check-data`` checks), and fit also finds the test split and its files, so a
+        missing test image stops the run before training rather than after it."""
+        where = f"dataset {self.spec.name} at {self.spec.dataset_dir(self.root)}"
+        refuse_catalog_problems(self.catalog, where)
+        if stage == "fit" and "test" not in self.catalog.splits:
+            raise ValueError(f"{where}: the split listing has no test split (it has: {', '.join(self.catalog.splits)}); "
+                             "fit tests the trained model on it")
+        if stage == "fit":
+            require_files(self.spec.dataset_dir(self.root), self.catalog.split("test"), f"{where} (test images)")
 
     def make_dataset(self, items: list[Item], subsample: str, train: bool) -> ItemDataset:
         kept = class_subset(len(self.catalog.classnames), subsample)
