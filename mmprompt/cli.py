@@ -316,7 +316,6 @@ class PretrainCLI(MMPromptCLI):
             print(f"  open_clip weights: {path}")
 
 
-
 def pretrain_main(argv: list[str]) -> PretrainCLI:
     """``mmprompt pretrain [--config world.yaml] [--key value ...]`` = fit of `PretrainCLIP` on the captioned world."""
     from .pretrain import PretrainCLIP, WorldDataModule
@@ -571,10 +570,10 @@ def main(argv: list[str] | None = None) -> int:
             cli_main(None if from_command_line else argv)
         return 0
 
-    return shown_without_traceback(lambda: with_user_errors(run))
+    return shown_without_traceback(lambda: with_user_errors(run, argv[0]))
 
 
-def with_user_errors(run: Callable[[], int]) -> int:
+def with_user_errors(run: Callable[[], int], command: str) -> int:
     """``run()``, with the errors of jsonargparse (a mistyped option: `MMPromptCLI.init_parser`) and of
     Lightning's option checks as one-line errors, and SIGTERM as `SIGTERM_STATUS` (`mmprompt.run_folder`)."""
     from argparse import ArgumentError
@@ -589,21 +588,17 @@ def with_user_errors(run: Callable[[], int]) -> int:
         print(f"mmprompt: error: {sigterm_message(Path(run_dir) if run_dir else None)}", file=sys.stderr)
         return SIGTERM_STATUS
     except ArgumentError as error:
-        raise ValueError(f"{error}; `mmprompt {{fit,test,...}} --help` lists the options") from error
+        raise ValueError(f"{error}; `mmprompt {command} --help` lists the options") from error
     except MisconfigurationException as error:
-        raise ValueError(trainer_option_error(str(error))) from error
+        if not any(sign in str(error) for sign in NO_DEVICE_MESSAGES):
+            raise
+        raise ValueError(f"--trainer.accelerator: {str(error).split(' The following', 1)[0]} (this machine has no "
+                         "such device); use --trainer.accelerator cpu, or auto to take a GPU only where there is one"
+                         ) from error
 
 
 #: Lightning's messages for an accelerator this machine does not have
 NO_DEVICE_MESSAGES = ("No supported gpu backend found", "can not run on your system since the accelerator is not available")
-
-
-def trainer_option_error(message: str) -> str:
-    """Lightning's message about an impossible Trainer option, naming the option a user sets."""
-    if any(sign in message for sign in NO_DEVICE_MESSAGES):
-        return (f"--trainer.accelerator: {message.split(' The following', 1)[0]} (this machine has no such device); "
-                "use --trainer.accelerator cpu, or auto to take a GPU only where there is one")
-    return f"a --trainer option is not possible here: {message}"
 
 
 if __name__ == "__main__":

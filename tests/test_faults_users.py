@@ -209,8 +209,8 @@ def test_sigterm_during_fit_saves_a_checkpoint_and_exits_non_zero(data_root, tmp
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 2 and not (run / "results.json").exists()
     assert main(fit_args(data_root, tmp_path, "--version", "v", "--ckpt_path", "last", "--trainer.max_epochs", "2",
-                         "--trainer.limit_train_batches", "3")) == 0
-    assert checkpoint_epoch(run / "checkpoints" / "last.ckpt") == 1 and (run / "results.json").is_file()
+                         "--trainer.limit_train_batches", "3", "--test_after_fit", "false")) == 0
+    assert checkpoint_epoch(run / "checkpoints" / "last.ckpt") == 1
 
 
 def test_a_class_without_test_images_is_refused(tmp_path, capsys):
@@ -398,3 +398,29 @@ def test_no_tiny_clip_warning_inside_its_world_or_for_a_real_clip():
     assert outside_tiny_world(True, True, "world-shapes", "synthetic-world") is None
     assert outside_tiny_world(False, False, "custom", "openai") is None
     assert "not dataset custom" in outside_tiny_world(True, False, "custom", "synthetic-world")
+
+
+def test_a_full_disk_in_any_json_writer_names_the_file(tmp_path, monkeypatch):
+    """A failed ``write`` carries no file name (``[Errno 28] No space left on device``): the writer adds it."""
+    from mmprompt import files
+    from mmprompt.tables import write_json_atomic
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fd, mode):
+            self.handle = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fdopen", FullDisk)
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'results.json'}: the disk is full"):
+        write_json_atomic(tmp_path / "results.json", {"a": 1})
+    assert not list(tmp_path.iterdir())  # no temporary file left
