@@ -18,9 +18,8 @@ from torchvision.transforms import v2
 
 from ..files import UnreadableFile
 from .catalog import to_rgb
+from .parsers import IMAGE_EXTENSIONS
 
-#: what a folder given to ``--images`` contributes (lower-case suffixes)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 GLOB_CHARACTERS = "*?["
 
 
@@ -32,7 +31,7 @@ class ImageFile(NamedTuple):
 
 def images_in_folder(folder: Path) -> list[Path]:
     """The image files under ``folder`` and its sub-folders (hidden ones skipped), sorted."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
@@ -44,7 +43,7 @@ def expand_one(spec: str) -> list[Path]:
     if path.is_dir():
         found = images_in_folder(path)
         if not found:
-            raise FileNotFoundError(f"--images {spec}: the folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            raise FileNotFoundError(f"--images {spec}: the folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
         return found
     if any(character in spec for character in GLOB_CHARACTERS):
         found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
