@@ -14,19 +14,11 @@ from PIL import Image
 
 import mmprompt
 from mmprompt.cli import cli_main, main
-from mmprompt.data import FewShotDataModule
 from mmprompt.data.transforms import build_transform
 from mmprompt.module import PromptCLIPModule
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    FewShotDataModule(dataset="synthetic", root=str(root), image_size=64).prepare_data()
-    return root
 
 
 @pytest.fixture(scope="module")

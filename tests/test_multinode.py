@@ -10,7 +10,6 @@ import pytest
 from run_helpers import torchrun_nodes
 
 from mmprompt.cli import cli_main
-from mmprompt.data import FewShotDataModule
 
 TWO_NODES = ["--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp",
              "--trainer.accelerator", "cpu"]
@@ -19,10 +18,8 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 @pytest.mark.slow
-def test_two_nodes_fit_into_one_run_folder_and_test_like_one_process(tmp_path):
-    root = tmp_path / "data"
-    FewShotDataModule(dataset="synthetic", root=str(root), image_size=64).prepare_data()
-    common = ["--config", "demo", "--config", "tiny", "--data.dataset", "synthetic", "--data.root", str(root),
+def test_two_nodes_fit_into_one_run_folder_and_test_like_one_process(data_root, tmp_path):
+    common = ["--config", "demo", "--config", "tiny", "--data.dataset", "synthetic", "--data.root", str(data_root),
               "--out_dir", str(tmp_path / "runs"), "--data.eval_batch_size", "50", *QUIET]
     fitted = torchrun_nodes("fit", *common, "--data.shots", "2", "--trainer.max_epochs", "1", "--test_after_fit",
                             "false", *TWO_NODES, nodes=2, cwd=tmp_path)

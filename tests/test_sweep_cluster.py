@@ -93,15 +93,13 @@ def test_slurm_launcher_without_sbatch_and_bad_options_are_clear_errors(workdir,
 
 
 @pytest.mark.slow
-def test_local_launcher_runs_real_mmprompt_runs_into_a_report(tmp_path):
+def test_local_launcher_runs_real_mmprompt_runs_into_a_report(data_root, tmp_path):
     """The jobs run `mmprompt fit|test` as a user's sweep does (tiny CLIP, synthetic shapes)."""
-    from mmprompt.data import FewShotDataModule
     from run_helpers import mmprompt
 
-    FewShotDataModule(dataset="synthetic", root=str(tmp_path / "data"), image_size=64).prepare_data()
     argv = ["sweep", "--protocol", "base2new", "--methods", "bias", "zero_shot", "--datasets", "synthetic",
             "--seeds", "1", "--out_dir", str(tmp_path / "runs"), "--configs", str(REPO / "configs"), *LOCAL[:-1],
-            "--", "--config", "tiny", "--data.root", str(tmp_path / "data"), "--data.shots", "2",
+            "--", "--config", "tiny", "--data.root", str(data_root), "--data.shots", "2",
             "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
     first = mmprompt(*argv, cwd=tmp_path, timeout=240)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
