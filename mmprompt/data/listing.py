@@ -65,10 +65,12 @@ class FolderListing:
     def __init__(self, base: Path, cache: Path | None, suffixes: tuple[str, ...]) -> None:
         self.base, self.cache, self.suffixes = Path(base), cache, tuple(suffixes)
         self.entries = read_entries(cache, self.suffixes)
+        self.visited: set[str] = set()
         self.changed = False
 
     def files(self, relative: str) -> list[str]:
         """The sorted kept file names of ``base/relative`` (listed only when its mtime changed)."""
+        self.visited.add(relative)
         mtime = (self.base / relative).stat().st_mtime_ns
         entry = self.entries.get(relative)
         if entry is not None and entry[0] == mtime:
@@ -78,12 +80,14 @@ class FolderListing:
         return names
 
     def save(self) -> None:
-        """Write the cache if a folder was listed; an unwritable folder only warns (it is a convenience)."""
-        if self.cache is None or not self.changed:
+        """Write the cache (the folders of this listing only) if one was listed again or is gone; an
+        unwritable folder only warns (the cache is a convenience)."""
+        if self.cache is None or not (self.changed or set(self.entries) - self.visited):
             return
+        folders = {relative: self.entries[relative] for relative in sorted(self.visited)}
         try:
             write_json_atomic(self.cache, {"version": LISTING_VERSION, "suffixes": list(self.suffixes),
-                                           "folders": self.entries})
+                                           "folders": folders})
             self.changed = False
         except OSError as err:
             warnings.warn(f"cannot write the folder listing cache {self.cache} ({err}); the tree is listed each run")
