@@ -124,14 +124,6 @@ def torchrun(*args: str, nproc: int, cwd: Path, timeout: float = HARD_TIMEOUT_S)
     return run_with_hard_timeout(argv, cwd, timeout, cli_env())
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun_nodes(*args: str, nodes: int, cwd: Path, timeout: float = HARD_TIMEOUT_S) -> list[subprocess.CompletedProcess]:
     """One ``torchrun --nnodes N --node_rank i --nproc_per_node 1`` agent per node, all on this machine
     and meeting at a c10d rendezvous on 127.0.0.1, as users start a multi-node job; each agent (and its
@@ -153,3 +145,12 @@ def torchrun_nodes(*args: str, nodes: int, cwd: Path, timeout: float = HARD_TIME
             os.killpg(process.pid, signal.SIGKILL)
         raise AssertionError(f"{nodes} torchrun agents did not finish in {timeout} s (hang?)") from None
     return results
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
