@@ -155,3 +155,14 @@ def test_import_mmprompt_stays_light_and_load_is_imported_on_first_call():
 
     eager = [edge.target for edge in import_graph(REPO)["mmprompt"] if edge.eager]
     assert eager == [] and callable(mmprompt.load)  # `load` imports mmprompt.inference (torch) when called
+
+
+def test_image_conditioned_text_has_no_image_free_features():
+    from mmprompt.adapters import CoCoOp
+    from mmprompt.classes import ClassSet
+    from mmprompt.inference import Classifier
+
+    module = PromptCLIPModule(CoCoOp(), model_name="mmprompt-tiny", pretrained=None)
+    classifier = Classifier(module, ClassSet("images", ("circle", "star")), build_transform(False, 64))
+    with pytest.raises(ValueError, match="CoCoOp conditions its text on each image"):
+        classifier.encode_text()
