@@ -239,6 +239,10 @@ def predict_images(trainer: Any, model: PromptCLIPModule, datamodule: Any, confi
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: with --images give a checkpoint file "
                                 "(e.g. runs/demo/version_0/checkpoints/last.ckpt)")
+    if ckpt_path is None and model.adapter.num_trainable_parameters() > 0:
+        raise ValueError(f"--images without --ckpt_path would classify with an untrained "
+                         f"{type(model.adapter).__name__}: give --ckpt_path RUN/checkpoints/last.ckpt, or "
+                         "--config methods/zero_shot for zero-shot CLIP")
     loader = image_loader(paths, datamodule)
     saved = read_checkpoint(ckpt_path) if ckpt_path else None
     model.set_class_sets(test=[image_classes(saved, config.classes, f"--ckpt_path {ckpt_path}",

@@ -132,6 +132,7 @@ def test_zero_shot_on_images_with_a_class_file_and_one_overlay_per_image(data_ro
     ("empty_glob", "--images {tmp}/*.tif: the pattern matches no file"),
     ("no_classes", "--images without --ckpt_path is zero-shot: give the class names with --classes FILE"),
     ("repeated_class", "--classes {tmp}/names.txt repeats ['cat']"),
+    ("untrained", "--images without --ckpt_path would classify with an untrained BiasTuning"),
 ])
 def test_bad_images_and_class_files_are_one_error_naming_them(case, message, data_root, tmp_path, capsys):
     (tmp_path / "bad.png").write_text("not an image")
@@ -144,7 +145,8 @@ def test_bad_images_and_class_files_are_one_error_naming_them(case, message, dat
     (tmp_path / "good.txt").write_text("circle\nstar\n")
     names = tmp_path / ("names.txt" if case == "repeated_class" else "good.txt")
     classes = [] if case == "no_classes" else ["--classes", str(names)]
-    status = main(["predict", "--config", "methods/zero_shot", "--config", "tiny", "--images", images, *classes,
+    method = "methods/bias" if case == "untrained" else "methods/zero_shot"
+    status = main(["predict", "--config", method, "--config", "tiny", "--images", images, *classes,
                    "--out_dir", str(tmp_path / "runs"), *QUIET])
     assert status == 2
     assert f"mmprompt: error: {message.format(tmp=tmp_path)}" in capsys.readouterr().err
