@@ -5,7 +5,7 @@ the other: a training run together with the tests of its checkpoint (transfer pr
 run. So a test still starts only after its training run finished, with no dependency between array
 jobs. A job decides what to do when it starts, not when it was submitted: finished runs are skipped
 and interrupted ones resume with ``--ckpt_path last``; a job SLURM preempts or times out is requeued
-by submitit (`SweepJob` is checkpointable) and picks up where it stopped. Submitting again skips
+by submitit (`SweepJob` is checkpointable) and, started again, resumes from its runs' last checkpoints. Submitting again skips
 groups whose runs all finished.
 
 ``--launcher local`` sends the same job array to submitit's local executor (processes on this

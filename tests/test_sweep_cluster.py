@@ -108,3 +108,24 @@ def test_local_launcher_runs_real_mmprompt_runs_into_a_report(data_root, tmp_pat
     assert [json.loads(p.read_text())["method"] for p in results] == ["BiasTuning", "ZeroShot"]
     written = [line.split("wrote ", 1)[1] for line in first.stderr.splitlines() if line.startswith("wrote ")]
     assert written and all(Path(path).is_file() for path in written)  # the report at the end
+
+
+@pytest.mark.slow
+def test_slurm_launcher_submits_one_job_array_with_the_resources_asked(workdir, monkeypatch, capsys):
+    """Stand-ins for ``sbatch`` and ``srun`` (first on PATH): the submission file is one array over the 4 jobs."""
+    bin_dir = workdir / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$SBATCH_COPY"\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit looks for it; the jobs never run here
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SBATCH_COPY", str(workdir / "submitted.sh"))
+    argv = cross_dataset_argv("--launcher", "slurm", "--partition", "gpu", "--gpus_per_node", "2",
+                              "--timeout_min", "90", "--array_parallelism", "3", "--slurm", "account=proj")
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "submitted 4 jobs (slurm)" in out and all(f"4242_{i}:" in out for i in range(4))
+    script = (workdir / "submitted.sh").read_text()
+    for flag in ("--array=0-3%3", "--partition=gpu", "--gpus-per-node=2", "--time=90", "--account=proj"):
+        assert f"#SBATCH {flag}" in script, flag
