@@ -173,7 +173,7 @@ class MMPromptCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         absolute_path_options(self._run_config())  # config.yaml and checkpoints re-run from any folder
-        if self.subcommand == "predict" and self._run_config().get("images"):
+        if self.subcommand == "predict" and self._run_config().get("images") is not None:
             self.image_paths = checked_image_paths(self._run_config())  # a bad file stops it before any model work
 
     def _default_name(self) -> str:
@@ -240,7 +240,7 @@ class MMPromptCLI(LightningCLI):
     def predict(self, model: PromptCLIPModule, datamodule: FewShotDataModule | None = None, **kwargs: Any) -> Any:
         """The dataset's test split, or with ``--images`` the user's own images (`mmprompt.inference`)."""
         config = self._run_config()
-        if not config.get("images"):
+        if config.get("images") is None:
             return self.trainer.predict(model, datamodule=datamodule, **kwargs)
         return predict_images(self.trainer, model, datamodule, config, self.image_paths, self.run_dir,
                               kwargs.get("ckpt_path"))

@@ -194,18 +194,19 @@ def add_image_options(parser: Any) -> None:
 
 
 def images_as_one_value(args: list[str]) -> list[str]:
-    """``--images a.jpg dir/ 'g/*.png'`` as the one JSON list jsonargparse takes (``--images '["a.jpg", ...]'``);
-    ``--images=x`` and a list already written as one value are left as they are."""
+    """``--images a.jpg dir/ 'g/*.png'`` (or ``--images=a.jpg``) as the one JSON list jsonargparse takes
+    (``--images '["a.jpg", ...]'``); a list already written as one value is left as it is."""
     out, index = [], 0
     while index < len(args):
-        if args[index] != "--images":
+        flag, has_value, value = args[index].partition("=")
+        if flag != "--images":
             out.append(args[index])
             index += 1
             continue
         end = index + 1
-        while end < len(args) and not args[end].startswith("--"):
+        while not has_value and end < len(args) and not args[end].startswith("--"):
             end += 1
-        values = args[index + 1:end]
+        values = [value] if has_value else args[index + 1:end]
         out += ["--images", values[0] if len(values) == 1 and values[0].startswith("[") else json.dumps(values)]
         index = end
     return out

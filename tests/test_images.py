@@ -133,6 +133,7 @@ def test_zero_shot_on_images_with_a_class_file_and_one_overlay_per_image(data_ro
     ("no_classes", "--images without --ckpt_path is zero-shot: give the class names with --classes FILE"),
     ("repeated_class", "--classes {tmp}/names.txt repeats ['cat']"),
     ("untrained", "--images without --ckpt_path would classify with an untrained BiasTuning"),
+    ("no_images", "--images needs at least one image file, folder or glob pattern"),
 ])
 def test_bad_images_and_class_files_are_one_error_naming_them(case, message, data_root, tmp_path, capsys):
     (tmp_path / "bad.png").write_text("not an image")
@@ -142,11 +143,12 @@ def test_bad_images_and_class_files_are_one_error_naming_them(case, message, dat
     good = str(images_of(data_root) / "circle" / "circle_0000.png")
     images = {"garbage": str(tmp_path / "bad.png"), "truncated": str(tmp_path / "cut.png"), "missing": str(tmp_path / "nowhere.png"),
               "empty_glob": str(tmp_path / "*.tif")}.get(case, good)
+    images = [] if case == "no_images" else [images]
     (tmp_path / "good.txt").write_text("circle\nstar\n")
     names = tmp_path / ("names.txt" if case == "repeated_class" else "good.txt")
     classes = [] if case == "no_classes" else ["--classes", str(names)]
     method = "methods/bias" if case == "untrained" else "methods/zero_shot"
-    status = main(["predict", "--config", method, "--config", "tiny", "--images", images, *classes,
+    status = main(["predict", "--config", method, "--config", "tiny", "--images", *images, *classes,
                    "--out_dir", str(tmp_path / "runs"), *QUIET])
     assert status == 2
     assert f"mmprompt: error: {message.format(tmp=tmp_path)}" in capsys.readouterr().err
@@ -168,3 +170,12 @@ def test_image_conditioned_text_has_no_image_free_features():
     classifier = Classifier(module, ClassSet("images", ("circle", "star")), build_transform(False, 64))
     with pytest.raises(ValueError, match="CoCoOp conditions its text on each image"):
         classifier.encode_text()
+
+
+def test_images_take_several_values_or_one_as_users_write_them():
+    from mmprompt.inference import images_as_one_value
+
+    assert images_as_one_value(["predict", "--images", "a.jpg", "dir/", "g/*.png", "--top_k", "3"]) == [
+        "predict", "--images", '["a.jpg", "dir/", "g/*.png"]', "--top_k", "3"]
+    assert images_as_one_value(["--images=a b.jpg"]) == ["--images", '["a b.jpg"]']
+    assert images_as_one_value(["--images", "[a.jpg, b.jpg]"]) == ["--images", "[a.jpg, b.jpg]"]  # already a list
