@@ -178,7 +178,8 @@ class MMPromptCLI(LightningCLI):
 
     def _default_name(self) -> str:
         config = self._run_config()
-        return f"{config.model.adapter.class_path.rsplit('.', 1)[-1]}-{self.datamodule.name}"
+        data = "images" if config.get("images") is not None else self.datamodule.name  # predict --images
+        return f"{config.model.adapter.class_path.rsplit('.', 1)[-1]}-{data}"
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._run_config()

@@ -116,9 +116,9 @@ def test_zero_shot_on_images_with_a_class_file_and_one_overlay_per_image(data_ro
     (tmp_path / "names.txt").write_text("# shapes\ncircle\n\nstar\nsquare\n")
     paths = [images_of(data_root) / "circle" / "circle_0004.png", images_of(data_root) / "star" / "star_0004.png"]
     cli_main(["predict", "--config", "methods/zero_shot", "--config", "tiny", "--images", *map(str, paths),
-              "--classes", str(tmp_path / "names.txt"), "--overlay", "true", "--out_dir", str(tmp_path), "--name", "zs",
+              "--classes", str(tmp_path / "names.txt"), "--overlay", "true", "--out_dir", str(tmp_path),
               "--version", "p", *QUIET])
-    run = tmp_path / "zs" / "p"
+    run = tmp_path / "ZeroShot-images" / "p"  # named after the images, not the config's default dataset
     rows = read_csv(run / "predictions_images.csv")
     assert [row["prediction"] for row in rows] == ["circle", "star"]  # the bundled CLIP knows these shapes
     assert {row["top3"] for row in rows} <= {"circle", "star", "square"} and "top4" not in rows[0]
