@@ -151,7 +151,8 @@ class FrozenReference:
         return self.module.clip.logit_scale.exp().float().detach()
 
     @torch.no_grad()
-    def text_features(self, classes: ClassSet, templates: Sequence[str] | None = None) -> Tensor:
+    def text_features(self, classes: ClassSet, templates: Sequence[str] | None = None,
+                      normalize: bool = True) -> Tensor:
         module = self.module
         templates = tuple(templates) if templates is not None else (classes.template,)
         key = (classes, templates, module.clip.token_embedding.weight.device)
@@ -162,8 +163,8 @@ class FrozenReference:
             features = encode_text(module.clip, prompts, NO_INJECTION, module._plain_attend, options.text_chunk_size,
                                    bucket_by_length=options.bucket_text, pooled_only=options.prune_last_layer,
                                    share_prefix=options.share_text_prefix)
-            self._text[key] = F.normalize(features.float(), dim=-1).unflatten(0, (len(templates), -1))
-        return self._text[key]
+            self._text[key] = features.float().unflatten(0, (len(templates), -1))
+        return F.normalize(self._text[key], dim=-1) if normalize else self._text[key]
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, normalize: bool = True) -> Tensor:
