@@ -29,12 +29,16 @@ class KgCoOp(TextPromptAdapter):
         n_ctx: learnable context tokens (the official code: the 4 tokens of "a photo of a").
         ctx_init: phrase whose word embeddings start the context.
         weight: weight of the text regulariser (λ; 8.0 in the official base-to-novel runs).
+        template: the frozen model's template, e.g. "a photo of a {}, a type of texture." (the official
+            one for DTD, whose dataset template here is CoOp's "{} texture."); None: the dataset's.
     """
 
-    def __init__(self, n_ctx: int = 4, ctx_init: str | None = "a photo of a", weight: float = 8.0) -> None:
+    def __init__(self, n_ctx: int = 4, ctx_init: str | None = "a photo of a", weight: float = 8.0,
+                 template: str | None = None) -> None:
         super().__init__(n_ctx, depth=1, ctx_init=ctx_init)
-        self.weight = weight
+        self.weight, self.template = weight, template
 
     def regularizers(self, step: TrainingStep) -> dict[str, Tensor]:
-        frozen = step.frozen.text_features(step.classes)[0]
+        templates = None if self.template is None else [self.template]
+        frozen = step.frozen.text_features(step.classes, templates)[0]
         return {"kg_text": self.weight * knowledge_distance(step.text_features, frozen)}
