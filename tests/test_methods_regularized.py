@@ -22,7 +22,10 @@ from torch.utils.data import DataLoader
 from mmprompt.adapters import KgCoOp, PromptSRC
 from mmprompt.adapters.promptsrc import PROMPTSRC_TEMPLATES, gaussian_epoch_weights
 from mmprompt.classes import ClassSet
+from mmprompt.cli import cli_main, main
 from mmprompt.data import FewShotDataModule
+from mmprompt.export import load_adapter
+from mmprompt.methods import label_of
 from mmprompt.module import PromptCLIPModule
 
 TINY = "mmprompt-tiny"
@@ -298,9 +301,10 @@ def logged_columns(run: Path) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method, terms", [("kgcoop", {"kg_text"}), ("promptsrc", {"text_l1", "image_l1", "logit_kl"})])
-def test_method_fits_tests_and_exports_under_two_process_ddp(method, terms, data_root, tmp_path):
+def test_method_fits_tests_and_exports_under_two_process_ddp(method, terms, data_root, tmp_path, capsys):
     """The demo (tiny CLIP, world shapes, its attention-statistics callback) with the method's own config,
-    one short epoch on 2 processes; the loss terms reach metrics.csv; export keeps the adapter form only."""
+    one short epoch on 2 processes; the loss terms reach metrics.csv; `mmprompt test` of the checkpoint on one
+    process gives the fit's results; export keeps the adapter form only, and it loads."""
     result = mmprompt("fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "methods" / f"{method}.yaml"),
                       "--data.root", str(data_root), "--out_dir", str(tmp_path), "--version", "ddp",
                       "--data.shots", "2", "--data.batch_size", "4", "--trainer.max_epochs", "1",
@@ -314,8 +318,12 @@ def test_method_fits_tests_and_exports_under_two_process_ddp(method, terms, data
     assert {"test/base/acc", "test/new/acc", "test/hm"} <= set(results)
     statistics = json.loads((run / "attention_stats.json").read_text())
     assert max(max(row) for row in statistics["text"]["prompt_mass"]) > 0  # λ_EOT: the prompts are attended
-    exported = mmprompt("export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--out_dir",
-                        str(tmp_path / "export"), cwd=tmp_path)
-    assert exported.returncode == 0, exported.stderr[-4000:]
-    assert "prompt tokens" in exported.stdout
+    checkpoint = str(run / "checkpoints" / "last.ckpt")
+    cli_main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", checkpoint, "--version", "single",
+              "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.enable_progress_bar", "false"])
+    assert json.loads((tmp_path / "demo" / "single" / "results.json").read_text())["metrics"] == results
+    capsys.readouterr()
+    assert main(["export", "--ckpt_path", checkpoint, "--out_dir", str(tmp_path / "export")]) == 0
+    assert "no open_clip export" in (printed := capsys.readouterr().out) and "prompt tokens" in printed
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert type(load_adapter(tmp_path / "export").adapter).__name__ == label_of(method)
