@@ -318,6 +318,8 @@ def test_method_fits_tests_and_exports_under_two_process_ddp(method, terms, data
     assert {"test/base/acc", "test/new/acc", "test/hm"} <= set(results)
     statistics = json.loads((run / "attention_stats.json").read_text())
     assert max(max(row) for row in statistics["text"]["prompt_mass"]) > 0  # λ_EOT: the prompts are attended
+    vision_mass = max(max(row) for row in statistics["vision"]["prompt_mass"])
+    assert vision_mass > 0 if method == "promptsrc" else vision_mass == 0  # KgCoOp has no vision prompts
     checkpoint = str(run / "checkpoints" / "last.ckpt")
     cli_main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", checkpoint, "--version", "single",
               "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.enable_progress_bar", "false"])
