@@ -144,25 +144,30 @@ class FrozenReference:
 
     def __init__(self, module: "PromptCLIPModule") -> None:
         self.module = module
-        self._text: dict[tuple[ClassSet, tuple[str, ...], torch.device], Tensor] = {}
+        #: (classes, templates, device, normalised) -> features
+        self._text: dict[tuple[ClassSet, tuple[str, ...], torch.device, bool], Tensor] = {}
 
     @property
     def logit_scale(self) -> Tensor:
         return self.module.clip.logit_scale.exp().float().detach()
 
     @torch.no_grad()
-    def text_features(self, classes: ClassSet, templates: Sequence[str] | None = None) -> Tensor:
+    def text_features(self, classes: ClassSet, templates: Sequence[str] | None = None,
+                      normalize: bool = True) -> Tensor:
         module = self.module
         templates = tuple(templates) if templates is not None else (classes.template,)
-        key = (classes, templates, module.clip.token_embedding.weight.device)
-        if key not in self._text:
+        raw = (classes, templates, module.clip.token_embedding.weight.device, False)
+        if raw not in self._text:
             texts = [template.format(name) for template in templates for name in classes.classnames]
             prompts = tokenize_prompts(module.clip, module.tokenizer, texts, truncate=module.speed.truncate_text)
             options = module.speed.shortcuts(probed=False)
             features = encode_text(module.clip, prompts, NO_INJECTION, module._plain_attend, options.text_chunk_size,
                                    bucket_by_length=options.bucket_text, pooled_only=options.prune_last_layer,
                                    share_prefix=options.share_text_prefix)
-            self._text[key] = F.normalize(features.float(), dim=-1).unflatten(0, (len(templates), -1))
+            self._text[raw] = features.float().unflatten(0, (len(templates), -1))
+        key = raw[:3] + (normalize,)
+        if key not in self._text:
+            self._text[key] = F.normalize(self._text[raw], dim=-1)
         return self._text[key]
 
     @torch.no_grad()

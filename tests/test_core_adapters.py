@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mmprompt.adapters import (
-    IVLP, BiasTuning, BuildContext, CoCoOp, CoOp, CoupledBiasTuning, LoRA, MaPLe, TextDeep, VPTDeep, ZeroShot,
+    IVLP, BiasTuning, BuildContext, CoCoOp, CoOp, CoupledBiasTuning, KgCoOp, LoRA, MaPLe, PromptSRC, TextDeep, VPTDeep,
+    ZeroShot,
 )
 from mmprompt import method_table
 from mmprompt.data.protocol import ClassSet
@@ -37,6 +38,8 @@ def _build_context(clip, tokenizer, spec) -> BuildContext:
     (BiasTuning(placement="both"), 2 * 11_520),
     (LoRA(), 184_320),
     (ZeroShot(), 0),
+    (KgCoOp(), 2_048),
+    (PromptSRC(), 46_080),
 ], ids=lambda value: type(value).__name__ if not isinstance(value, int) else str(value))
 def test_trainable_parameter_counts_on_vit_b16(vit_b16, adapter, expected):
     adapter.build(_build_context(*vit_b16))

@@ -64,9 +64,11 @@ class FrozenCLIP(Protocol):
         """CLIP's ``logit_scale.exp()`` (100 for OpenAI's weights)."""
         ...
 
-    def text_features(self, classes: ClassSet, templates: Sequence[str] | None = None) -> Tensor:
-        """Normalised zero-shot text features (T, C, D), one row per template (default: the class set's
-        own template, T = 1); computed once per class set and template list."""
+    def text_features(self, classes: ClassSet, templates: Sequence[str] | None = None,
+                      normalize: bool = True) -> Tensor:
+        """Zero-shot text features (T, C, D), one row per template (default: the class set's own template,
+        T = 1), normalised unless ``normalize`` is False (PromptSRC averages the raw ones); computed once
+        per class set and template list."""
         ...
 
     def encode_images(self, images: Tensor, normalize: bool = True) -> Tensor:
