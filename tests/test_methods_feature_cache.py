@@ -296,7 +296,7 @@ def results_of(run: Path) -> dict[str, float]:
 def cli(command: str, method: str, data_root: Path, tmp_path: Path, *extra: str) -> list[str]:
     return [command, "--config", str(REPO / "configs" / "tiny.yaml"), "--config", str(METHODS / f"{method}.yaml"),
             "--model.pretrained", "null", "--data.dataset", "synthetic", "--data.root", str(data_root),
-            "--data.image_size", "64", "--data.shots", str(SHOTS), "--data.batch_size", "6", "--out_dir",
+            "--data.shots", str(SHOTS), "--data.batch_size", "6", "--out_dir",
             str(tmp_path), "--name", method, *QUIET, *(CACHE_OPTIONS if method.startswith("tip") else []), *extra]
 
 
