@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,18 +48,17 @@ def tiny_module(adapter, seed: int = 0) -> PromptCLIPModule:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    FewShotDataModule(dataset="synthetic", root=str(root), image_size=64).prepare_data()
-    return root
+def datamodule(tmp_path_factory) -> FewShotDataModule:
+    """The synthetic dataset (generated once), SHOTS per class."""
+    data = FewShotDataModule(dataset="synthetic", root=str(tmp_path_factory.mktemp("data")), image_size=64,
+                             shots=SHOTS, batch_size=6, eval_batch_size=20)
+    data.prepare_data()
+    return data
 
 
 @pytest.fixture(scope="module")
-def datamodule(data_root) -> FewShotDataModule:
-    data = FewShotDataModule(dataset="synthetic", root=str(data_root), image_size=64, shots=SHOTS, batch_size=6,
-                             eval_batch_size=20)
-    data.prepare_data()
-    return data
+def data_root(datamodule) -> Path:
+    return Path(datamodule.root)
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +266,28 @@ def test_cache_round_trips_through_export_and_refuses_to_fold(method, datamodule
         assert torch.equal(loaded(batch["image"], datamodule.train_classes), module(batch["image"], datamodule.train_classes))
     with pytest.raises(ValueError, match=f"{method.__name__} adds logits from a cache .*--format adapter"):
         export_open_clip(module, tmp_path)
+
+
+def test_a_loaded_cache_is_kept_by_prepare(datamodule, built, tmp_path):
+    export_adapter(built[0], tmp_path)
+    loaded = load_adapter(tmp_path, clip=built[0].clip)
+    loaded.adapter.prepare(context_of(loaded, datamodule))  # no rebuild: the views would be drawn again
+    assert torch.equal(loaded.adapter.cache_keys, built[0].adapter.cache_keys) and bool(loaded.adapter.cache_built)
+
+
+def test_the_per_step_cosine_runs_over_every_optimiser_step(datamodule, tmp_path):
+    """``cosine_interval: step`` (Tip-Adapter-F's per-iteration CosineAnnealingLR): 2 epochs of 2 steps
+    give T_max = 4 steps, so the learning rate reaches 0 after the last step."""
+    torch.manual_seed(0)
+    optimizer = partial(torch.optim.AdamW, lr=1e-3, eps=1e-4, weight_decay=0.01)
+    module = PromptCLIPModule(CLIPAdapter(), model_name=TINY, pretrained=None, optimizer=optimizer, warmup_epochs=0,
+                              cosine_interval="step")
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, logger=False, accelerator="cpu",
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.lr_scheduler_configs[0].interval == "step"
+    assert trainer.global_step == 4 and trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_clip_adapter_refuses_to_fold(tmp_path):
