@@ -385,6 +385,17 @@ class PromptCLIPModule(L.LightningModule):
         context = self._preparation_context(stage)
         if context is not None:  # shapes before a checkpoint loads and the optimizer and DDP take the parameters
             self.adapter.allocate(context)
+        if stage == "fit":
+            self._check_something_to_train_under_ddp()
+
+    def _check_something_to_train_under_ddp(self) -> None:
+        """DDP refuses a model with no trainable parameter (its own error names no way out): say what to run."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return
+        if not any(p.requires_grad and p.numel() for p in self.adapter.parameters()):
+            raise ValueError(f"{type(self.adapter).__name__} has nothing to train and DDP refuses such a model: run "
+                             "`mmprompt test` with the same options instead (it prepares the adapter, e.g. builds "
+                             "a cache, when the test starts), on one process or several")
 
     def _check_image_size(self, datamodule: Any) -> None:
         size = getattr(datamodule, "image_size", None)

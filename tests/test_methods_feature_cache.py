@@ -326,7 +326,8 @@ def cli(command: str, method: str, data_root: Path, tmp_path: Path, *extra: str)
 @pytest.mark.slow
 def test_training_free_tip_adapter_through_test_and_fit_and_under_ddp(data_root, tmp_path):
     """`mmprompt test` builds the cache at test start; `mmprompt fit` runs no epoch and tests the same; two
-    processes build identical caches (the same test metrics as one process)."""
+    processes build identical caches (the same test metrics as one process); a 2-process fit, which DDP
+    refuses for a model with nothing to train, says to run `mmprompt test`."""
     ok(mmprompt(*cli("test", "tip_adapter", data_root, tmp_path, "--version", "tested"), cwd=tmp_path))
     ok(mmprompt(*cli("fit", "tip_adapter", data_root, tmp_path, "--version", "fitted"), cwd=tmp_path))
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--version", "ddp"]
@@ -335,6 +336,9 @@ def test_training_free_tip_adapter_through_test_and_fit_and_under_ddp(data_root,
     tested = results_of(runs / "tested")
     assert results_of(runs / "fitted") == tested == results_of(runs / "ddp")
     assert 0 < tested["test/all/acc"] <= 100
+    refused = mmprompt(*cli("fit", "tip_adapter", data_root, tmp_path, *ddp[:-1], "ddp_fit"), cwd=tmp_path)
+    assert refused.returncode != 0 and "TipAdapter has nothing to train" in refused.stderr
+    assert "run `mmprompt test` with the same options" in refused.stderr
 
 
 @pytest.mark.slow
