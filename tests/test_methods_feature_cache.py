@@ -88,7 +88,7 @@ def batch() -> dict[str, torch.Tensor]:
     return {"image": torch.randn(5, 3, 64, 64, generator=generator), "label": torch.tensor([0, 2, 1, 1, 0])}
 
 
-def context_of(module: PreparationContext, data: FewShotDataModule, stage: str = "test") -> PreparationContext:
+def context_of(module: PromptCLIPModule, data: FewShotDataModule, stage: str = "test") -> PreparationContext:
     return PreparationContext(data.train_classes, data.training_set, module.frozen, module.device, seed=data.seed,
                               validation_set=data.validation_set, stage=stage)
 

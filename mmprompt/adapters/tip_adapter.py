@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..classes import ClassSet
 from ..methods import register_method
