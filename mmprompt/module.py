@@ -468,7 +468,7 @@ class PromptCLIPModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         classes = self.class_sets("fit")[0]
         images, labels = batch["image"], batch["label"]
         outputs = self.outputs(images, classes)
@@ -480,7 +480,7 @@ class PromptCLIPModule(L.LightningModule):
             loss = loss + term
         self.metrics[self._metric_key("fit", 0)].update(outputs.logits.detach(), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        return loss
+        return loss if loss.requires_grad else None  # nothing to train (Tip-Adapter): no backward, no step
 
     def on_train_epoch_end(self) -> None:
         """``train/acc`` in percent, like ``val/*`` and ``test/*`` (synced across ranks by torchmetrics);
