@@ -57,7 +57,7 @@ class ProvidesClassSets(Protocol):
 @runtime_checkable
 class ProvidesTrainingSet(Protocol):
     """What a cache model reads from ``trainer.datamodule`` (`mmprompt.adapters.base.Adapter.prepare`):
-    the few-shot training images of `train_classes` with the training transform."""
+    the few-shot training images of `train_classes` with the training transform, and its validation images."""
 
     @property
     def train_classes(self) -> ClassSet: ...
@@ -65,4 +65,9 @@ class ProvidesTrainingSet(Protocol):
     def training_set(self, crop_scale: tuple[float, float] | None = None) -> Any:
         """A map-style dataset of ``{"image", "label", ...}`` items; ``crop_scale`` overrides the random
         resized crop's area range (None: the datamodule's own)."""
+        ...
+
+    def validation_set(self) -> Any:
+        """The few-shot validation images of `train_classes` with the evaluation transform (a cache
+        model's hyper-parameter search)."""
         ...

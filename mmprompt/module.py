@@ -201,6 +201,8 @@ class PromptCLIPModule(L.LightningModule):
         warmup_epochs: epochs at the constant ``warmup_lr`` before the cosine starts.
         warmup_lr: learning rate during warm-up.
         cosine_epochs: the cosine's T_max in epochs; null means trainer.max_epochs.
+        cosine_interval: "epoch" steps the warm-up and cosine once per epoch (Dassl); "step" once per
+            optimiser step over the same epochs (PyTorch's CosineAnnealingLR stepped per iteration).
         speed: how the encoders run (`mmprompt.encoders.EncoderOptions`: attention kernel, text
             chunks, truncation, pruning, shared prefix, caching); every option is exact. In YAML
             ``speed: {text_chunk_size: 250}``; a dict works in Python too.
@@ -221,6 +223,7 @@ class PromptCLIPModule(L.LightningModule):
         warmup_epochs: int = 1,
         warmup_lr: float = 1e-5,
         cosine_epochs: int | None = None,
+        cosine_interval: Literal["epoch", "step"] = "epoch",
         speed: EncoderOptions = EncoderOptions(),
     ) -> None:
         super().__init__()
@@ -384,6 +387,20 @@ class PromptCLIPModule(L.LightningModule):
                 if name not in self.metrics or self.metrics[name].num_classes != classes.num_classes:
                     self.metrics[name] = MulticlassAccuracy(num_classes=classes.num_classes, average="micro")
         self._text_cache.clear()
+        context = self._preparation_context(stage)
+        if context is not None:  # shapes before a checkpoint loads and the optimizer and DDP take the parameters
+            self.adapter.allocate(context)
+        if stage == "fit":
+            self._check_something_to_train_under_ddp()
+
+    def _check_something_to_train_under_ddp(self) -> None:
+        """DDP refuses a model with no trainable parameter (its own error names no way out): say what to run."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return
+        if not any(p.requires_grad and p.numel() for p in self.adapter.parameters()):
+            raise ValueError(f"{type(self.adapter).__name__} has nothing to train and DDP refuses such a model: run "
+                             "`mmprompt test` with the same options instead (it prepares the adapter, e.g. builds "
+                             "a cache, when the test starts), on one process or several")
 
     def _check_image_size(self, datamodule: Any) -> None:
         size = getattr(datamodule, "image_size", None)
@@ -456,7 +473,7 @@ class PromptCLIPModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         classes = self.class_sets("fit")[0]
         images, labels = batch["image"], batch["label"]
         outputs = self.outputs(images, classes)
@@ -468,7 +485,7 @@ class PromptCLIPModule(L.LightningModule):
             loss = loss + term
         self.metrics[self._metric_key("fit", 0)].update(outputs.logits.detach(), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        return loss
+        return loss if loss.requires_grad else None  # nothing to train (Tip-Adapter): no backward, no step
 
     def on_train_epoch_end(self) -> None:
         """``train/acc`` in percent, like ``val/*`` and ``test/*`` (synced across ranks by torchmetrics);
@@ -496,27 +513,33 @@ class PromptCLIPModule(L.LightningModule):
         return {"prediction": logits.argmax(dim=-1), "probability": logits.softmax(dim=-1), "index": batch["index"]}
 
     def on_validation_epoch_start(self) -> None:
-        self._prepare_adapter()
+        self._prepare_adapter("validate")
         self._text_cache.clear()
 
     def on_test_epoch_start(self) -> None:
-        self._prepare_adapter()
+        self._prepare_adapter("test")
         self._text_cache.clear()
 
     def on_predict_epoch_start(self) -> None:
-        self._prepare_adapter()
+        self._prepare_adapter("predict")
         self._text_cache.clear()
 
     def on_fit_start(self) -> None:
-        self._prepare_adapter()
+        self._prepare_adapter("fit")
 
-    def _prepare_adapter(self) -> None:
+    def _prepare_adapter(self, stage: str) -> None:
         """`Adapter.prepare` with the datamodule's few-shot training set, when the datamodule has one."""
+        context = self._preparation_context(stage)
+        if context is not None:
+            self.adapter.prepare(context)
+
+    def _preparation_context(self, stage: str) -> PreparationContext | None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if not isinstance(datamodule, ProvidesTrainingSet):
-            return
-        self.adapter.prepare(PreparationContext(datamodule.train_classes, datamodule.training_set, self.frozen,
-                                                self.device, seed=int(getattr(datamodule, "seed", 1))))
+            return None
+        return PreparationContext(datamodule.train_classes, datamodule.training_set, self.frozen, self.device,
+                                  seed=int(getattr(datamodule, "seed", 1)), validation_set=datamodule.validation_set,
+                                  stage=stage)
 
     def _log_eval_accuracies(self, stage: str) -> dict[str, float]:
         """Compute (synced across ranks), log and reset each class set's accuracy; add HM for base/new."""
@@ -562,11 +585,20 @@ class PromptCLIPModule(L.LightningModule):
         cosine_epochs = self.hparams.cosine_epochs or self.trainer.max_epochs
         if not cosine_epochs or cosine_epochs < 1:
             raise ValueError("set trainer.max_epochs or model.cosine_epochs: the cosine schedule runs per epoch")
+        interval = self.hparams.get("cosine_interval", "epoch")
+        per = self._steps_per_epoch() if interval == "step" else 1
         factor = functools.partial(
-            warmup_cosine_factor, base_lr=optimizer.param_groups[0]["lr"], warmup_epochs=self.hparams.warmup_epochs,
-            warmup_lr=self.hparams.warmup_lr, cosine_epochs=cosine_epochs,
+            warmup_cosine_factor, base_lr=optimizer.param_groups[0]["lr"], warmup_epochs=self.hparams.warmup_epochs * per,
+            warmup_lr=self.hparams.warmup_lr, cosine_epochs=cosine_epochs * per,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": interval}}
+
+    def _steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch, for a per-step schedule (the trainer's estimate over max_epochs)."""
+        epochs = self.trainer.max_epochs
+        if not epochs or epochs < 1:
+            raise ValueError('cosine_interval "step" needs trainer.max_epochs >= 1')
+        return max(1, int(self.trainer.estimated_stepping_batches) // epochs)
 
     # ------------------------------------------------------------------ adapter-only checkpoints
 

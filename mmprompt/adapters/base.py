@@ -15,8 +15,9 @@ hook                           what it is for (a method that uses it)
 `transform_image_features`,    a map of the pooled features before they are normalised
 `transform_text_features`      (feature adapters: CLIP-Adapter)
 `extra_logits`                 logits added to the cosine logits (cache models: Tip-Adapter)
-`prepare`                      one pass over the few-shot training set before training or
-                               evaluation (a cache model's keys and values)
+`allocate`, `prepare`          size data-dependent tensors before the optimizer, DDP and a
+                               checkpoint see them; then one pass over the few-shot training set
+                               before training or evaluation (a cache model's keys and values)
 `regularizers`                 named loss terms added to the cross-entropy; they may ask for the
                                frozen model's own features (KgCoOp, PromptSRC)
 `end_of_epoch`                 a step after each training epoch (weight averaging over epochs)
@@ -108,6 +109,9 @@ class PreparationContext:
     resized crop with that area range, default the datamodule's, and a horizontal flip); items are
     dicts with ``image`` and ``label`` (relabelled to ``classes``). ``seed`` is the run's few-shot
     seed: draw augmentations from it so every DDP rank builds the same tensors without a collective.
+    ``validation_set()``, when the datamodule has one, gives the few-shot validation images with the
+    evaluation transform (a hyper-parameter search); ``stage`` is the Lightning stage that asks
+    ("fit", "validate", "test" or "predict").
     """
 
     classes: ClassSet
@@ -115,6 +119,8 @@ class PreparationContext:
     frozen: FrozenCLIP
     device: Any
     seed: int = 1
+    validation_set: Callable[[], Dataset] | None = None
+    stage: str = "fit"
 
 
 class RecordsInitArgs(type):
@@ -200,6 +206,11 @@ class Adapter(nn.Module, metaclass=RecordsInitArgs):
 
     # -- training -------------------------------------------------------------------------------
 
+    def allocate(self, context: PreparationContext) -> None:
+        """Create data-dependent tensors (a cache sized by the training set) at their final shapes, cheaply,
+        before a checkpoint loads into them and before the optimizer and DDP take the parameters (the
+        module's ``setup``, model still on the CPU); `prepare` fills them in place."""
+
     def prepare(self, context: PreparationContext) -> None:
         """Called before training, evaluation or prediction starts (on every rank, after the model is on
         its device). Keep what a restored checkpoint brought: a second call must not redo the work."""
@@ -221,6 +232,11 @@ class Adapter(nn.Module, metaclass=RecordsInitArgs):
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def parameter_formula(self) -> str | None:
+        """The trainable-parameter count as a formula when it depends on the training set (after `build`,
+        e.g. ``"K·C·512"``), which the methods table shows instead of a number; None: the count is fixed."""
+        return None
 
 
 #: the hooks a foldable method may not override: folding keeps only what the towers' biases do

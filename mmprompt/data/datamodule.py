@@ -166,6 +166,11 @@ class FewShotDataModule(L.LightningDataModule):
         scale = self.crop_scale if crop_scale is None else check_crop_scale(crop_scale)
         return self.make_dataset(self.fewshot()["train"], self.subsample, train=True, crop_scale=scale)
 
+    def validation_set(self) -> ItemDataset:
+        """The few-shot validation images of `train_classes` with the evaluation transform, for a method
+        that searches its hyper-parameters on them before evaluating (a cache model's α and β)."""
+        return self.make_dataset(self.fewshot()["val"], self.subsample, train=False)
+
     def make_dataset(self, items: list[Item], subsample: str, train: bool,
                      crop_scale: tuple[float, float] | None = None) -> ItemDataset:
         kept = class_subset(len(self.catalog.classnames), subsample)
