@@ -9,7 +9,7 @@ package and the data package never depends on the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -51,4 +51,23 @@ class ProvidesClassSets(Protocol):
 
     def eval_classes(self, stage: str) -> list[ClassSet]:
         """One ClassSet per dataloader of ``stage`` ("validate" or "test"), in dataloader order."""
+        ...
+
+
+@runtime_checkable
+class ProvidesTrainingSet(Protocol):
+    """What a cache model reads from ``trainer.datamodule`` (`mmprompt.adapters.base.Adapter.prepare`):
+    the few-shot training images of `train_classes` with the training transform, and its validation images."""
+
+    @property
+    def train_classes(self) -> ClassSet: ...
+
+    def training_set(self, crop_scale: tuple[float, float] | None = None) -> Any:
+        """A map-style dataset of ``{"image", "label", ...}`` items; ``crop_scale`` overrides the random
+        resized crop's area range (None: the datamodule's own)."""
+        ...
+
+    def validation_set(self) -> Any:
+        """The few-shot validation images of `train_classes` with the evaluation transform (a cache
+        model's hyper-parameter search)."""
         ...

@@ -36,6 +36,7 @@ from .files import is_write_error, unwritable
 from .guards import (checkpoint_model_options, check_config_files, config_paths, init_defaults,
                      is_global_rank_zero, outside_tiny_world, refuse_reused_run_dir)
 from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
+from .inference import add_image_options, checked_image_paths, images_as_one_value, predict_images
 from .module import PromptCLIPModule
 from .predictions import PredictionWriter
 from .results import RESULTS_FILE
@@ -159,6 +160,8 @@ class MMPromptCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if "verbose" in parser.get_defaults():  # validate/test: our summary names base/new; Lightning's table can't
             parser.set_defaults(verbose=False)  # (the stage's own arguments exist only after add_arguments_to_parser)
+        if subcommand == "predict":
+            add_image_options(parser)  # --images, --classes, --top_k, --overlay
         return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -194,10 +197,13 @@ class MMPromptCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         absolute_path_options(self._run_config())  # config.yaml and checkpoints re-run from any folder
+        if self.subcommand == "predict" and self._run_config().get("images") is not None:
+            self.image_paths = checked_image_paths(self._run_config())  # a bad file stops it before any model work
 
     def _default_name(self) -> str:
         config = self._run_config()
-        return f"{config.model.adapter.class_path.rsplit('.', 1)[-1]}-{self.datamodule.name}"
+        data = "images" if config.get("images") is not None else self.datamodule.name  # predict --images
+        return f"{config.model.adapter.class_path.rsplit('.', 1)[-1]}-{data}"
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._run_config()
@@ -272,6 +278,14 @@ class MMPromptCLI(LightningCLI):
 
     def after_test(self) -> None:
         self._write_results()
+
+    def predict(self, model: PromptCLIPModule, datamodule: FewShotDataModule | None = None, **kwargs: Any) -> Any:
+        """The dataset's test split, or with ``--images`` the user's own images (`mmprompt.inference`)."""
+        config = self._run_config()
+        if config.get("images") is None:
+            return self.trainer.predict(model, datamodule=datamodule, **kwargs)
+        return predict_images(self.trainer, model, datamodule, config, self.image_paths, self.run_dir,
+                              kwargs.get("ckpt_path"))
 
     def after_predict(self) -> None:
         for callback in self.trainer.callbacks:
@@ -541,6 +555,7 @@ def print_results(columns: dict[str, dict[str, float]], run_dir: Path) -> None:
 def cli_main(args: list[str] | None = None) -> MMPromptCLI:
     """Run LightningCLI (importable for tests: ``cli_main(["fit", "--config", ...])``)."""
     args = with_checkpoint_config(with_shipped_configs(list(sys.argv[1:] if args is None else args)))
+    args = images_as_one_value(args)
     return MMPromptCLI(
         PromptCLIPModule,
         FewShotDataModule,

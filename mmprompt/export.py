@@ -79,23 +79,15 @@ def load_adapter(folder: str | Path, clip: nn.Module | None = None) -> Any:
 
 
 def static_bias_injections(adapter: Any) -> dict[str, Injection]:
-    """The adapter's text and vision injections, if they are input-independent biases only.
+    """The adapter's text and vision injections, if the method declares itself foldable
+    (`Adapter.fold_refusal` None: learned biases only, checked when the module is built).
 
-    Raises ValueError naming the reason when they are not (prompt tokens, image-conditioned text,
-    weight deltas).
+    Raises ValueError with the method's reason when it is not.
     """
-    name = type(adapter).__name__
-    if adapter.conditions_text_on_image:
-        raise ValueError(f"{name} conditions its text on the image: it can't be folded into CLIP's weights; "
-                         "export the adapter form instead (--format adapter)")
-    injections = {"text": adapter.text_injection(), "vision": adapter.vision_injection()}
-    if any(injection.prompts for injection in injections.values()):
-        raise ValueError(f"{name} adds prompt tokens, which join the attention of every input; no change of "
-                         "CLIP's weights reproduces that, so only the adapter form exists (--format adapter)")
-    if any(injection.deltas for injection in injections.values()):
-        raise ValueError(f"{name} adds weight deltas (modules on the blocks' linear maps); only learned biases "
-                         "are folded, so only the adapter form exists (--format adapter)")
-    return injections
+    reason = adapter.fold_refusal()
+    if reason is not None:
+        raise ValueError(reason)
+    return {"text": adapter.text_injection(), "vision": adapter.vision_injection()}
 
 
 def layer_scale(module: nn.Module, width: int, like: Tensor) -> Tensor:

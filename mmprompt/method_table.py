@@ -101,8 +101,9 @@ def options_text(row: MethodRow) -> str:
     return "; ".join(part for part in (options, row.training) if part) or "—"
 
 
-def count_parameters(rows: Sequence[MethodRow], model_name: str) -> dict[str, int]:
-    """Trainable parameters of each method's default adapter on ``model_name`` (random weights)."""
+def count_parameters(rows: Sequence[MethodRow], model_name: str) -> dict[str, int | str]:
+    """Trainable parameters of each method's default adapter on ``model_name`` (random weights), or the
+    formula of a count that depends on the training set (``"K·C·512"``)."""
     from .adapters import BuildContext
     from .backbone import BackboneSpec, get_tokenizer, load_clip
     from .module import word_embedder
@@ -112,30 +113,36 @@ def count_parameters(rows: Sequence[MethodRow], model_name: str) -> dict[str, in
     return {row.info.name: built_count(row, context) for row in rows}
 
 
-def built_count(row: MethodRow, context: Any) -> int:
-    """One method's trainable parameters once built against ``context`` (a `BuildContext`)."""
+def built_count(row: MethodRow, context: Any) -> int | str:
+    """One method's trainable parameters once built against ``context`` (a `BuildContext`), or their
+    formula when they depend on the training set (`mmprompt.adapters.base.Adapter.parameter_formula`)."""
     from .module import build_adapter
 
     adapter = build_adapter({"class_path": row.class_path, "init_args": row.init_args})
     adapter.build(context)
-    return adapter.num_trainable_parameters()
+    return adapter.parameter_formula() or adapter.num_trainable_parameters()
 
 
-def markdown(rows: Sequence[MethodRow], counts: dict[str, int] | None = None, model_name: str = DOCS_MODEL) -> str:
+def count_text(count: int | str) -> str:
+    """``131,072``, or a formula as it is."""
+    return count if isinstance(count, str) else f"{count:,}"
+
+
+def markdown(rows: Sequence[MethodRow], counts: dict[str, int | str] | None = None, model_name: str = DOCS_MODEL) -> str:
     """The methods table in GitHub Markdown, with a parameter column when ``counts`` are given."""
     header = [*HEADER, f"trainable params ({model_name})"] if counts is not None else list(HEADER)
     cells = []
     for row in rows:
         line = [f"`{row.info.name}`", f"`{row.info.label}`", row.summary, options_text(row)]
-        cells.append(line + [f"{counts[row.info.name]:,}"] if counts is not None else line)
+        cells.append(line + [count_text(counts[row.info.name])] if counts is not None else line)
     return markdown_grid(header, cells)
 
 
-def plain(rows: Sequence[MethodRow], counts: dict[str, int] | None = None) -> str:
+def plain(rows: Sequence[MethodRow], counts: dict[str, int | str] | None = None) -> str:
     """The table for a terminal: name, class (and parameters), then what each method is."""
     lines = []
     for row in rows:
-        count = f"{counts[row.info.name]:>11,}  " if counts is not None else ""
+        count = f"{count_text(counts[row.info.name]):>11}  " if counts is not None else ""
         lines.append(f"{row.info.name:<14}{row.info.label:<20}{count}{row.summary}")
     return "\n".join(lines) + "\n"
 
@@ -154,12 +161,13 @@ def with_docs_table(text: str, table: str, where: str = "docs") -> str:
     return text[:text.find(TABLE_START) + len(TABLE_START)] + "\n" + table + text[text.find(TABLE_END):]
 
 
-def counts_in_docs(text: str) -> dict[str, int]:
-    """The parameter column of a docs page's generated table, by method name."""
-    counts = {}
+def counts_in_docs(text: str) -> dict[str, int | str]:
+    """The parameter column of a docs page's generated table, by method name (a formula as written)."""
+    counts: dict[str, int | str] = {}
     for line in docs_table(text).splitlines()[2:]:
         cells = [cell.strip() for cell in line.strip("|").split(" | ")]
-        counts[cells[0].strip("`")] = int(cells[-1].replace(",", ""))
+        number = cells[-1].replace(",", "")
+        counts[cells[0].strip("`")] = int(number) if number.isdigit() else cells[-1]
     return counts
 
 

@@ -9,7 +9,7 @@ import random
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterator, Literal, Protocol, Sequence, runtime_checkable
+from typing import IO, Any, Callable, Iterator, Literal, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -21,12 +21,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from . import __version__
-from .adapters.base import Adapter, BuildContext
+from .adapters.base import Adapter, BuildContext, PreparationContext, TrainingStep, check_fold_declaration
 from .attention import AttendFn, fused_attention, softmax_attention
 from .backbone import BackboneSpec, freeze, get_tokenizer, load_clip, shape_mismatches, shapes_of
 from .checkpoint_io import read_checkpoint
-from .classes import ClassSet, ProvidesClassSets
-from .encoders import EncoderOptions, TokenizedPrompts, encode_image, encode_text, tokenize_prompts
+from .classes import ClassSet, ProvidesClassSets, ProvidesTrainingSet
+from .encoders import (
+    NO_INJECTION, EncoderOptions, TokenizedPrompts, check_supported_blocks, encode_image, encode_text, tokenize_prompts,
+)
 from .results import harmonic_mean
 from .run_config import current_init_args, upgrade_hyper_parameters
 from .schedule import warmup_cosine_factor
@@ -128,6 +130,57 @@ def stacked_attend(probes: Sequence[AttendFn], base: AttendFn) -> AttendFn:
     return attend
 
 
+class Outputs(NamedTuple):
+    """One forward pass: normalised image (B, D) and text (C, D) or (B, C, D) features, and the logits (B, C)."""
+
+    image: Tensor
+    text: Tensor
+    logits: Tensor
+
+
+class FrozenReference:
+    """`mmprompt.adapters.base.FrozenCLIP` for one module: its CLIP with no adapter, no probe and no
+    gradient, on the module's speed options. Text features are kept per class set and templates."""
+
+    def __init__(self, module: "PromptCLIPModule") -> None:
+        self.module = module
+        #: (classes, templates, device, normalised) -> features
+        self._text: dict[tuple[ClassSet, tuple[str, ...], torch.device, bool], Tensor] = {}
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.module.clip.logit_scale.exp().float().detach()
+
+    @torch.no_grad()
+    def text_features(self, classes: ClassSet, templates: Sequence[str] | None = None,
+                      normalize: bool = True) -> Tensor:
+        module = self.module
+        templates = tuple(templates) if templates is not None else (classes.template,)
+        raw = (classes, templates, module.clip.token_embedding.weight.device, False)
+        if raw not in self._text:
+            texts = [template.format(name) for template in templates for name in classes.classnames]
+            prompts = tokenize_prompts(module.clip, module.tokenizer, texts, truncate=module.speed.truncate_text)
+            options = module.speed.shortcuts(probed=False)
+            features = encode_text(module.clip, prompts, NO_INJECTION, module._plain_attend, options.text_chunk_size,
+                                   bucket_by_length=options.bucket_text, pooled_only=options.prune_last_layer,
+                                   share_prefix=options.share_text_prefix)
+            self._text[raw] = features.float().unflatten(0, (len(templates), -1))
+        key = raw[:3] + (normalize,)
+        if key not in self._text:
+            self._text[key] = F.normalize(self._text[raw], dim=-1)
+        return self._text[key]
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, normalize: bool = True) -> Tensor:
+        module = self.module
+        features = encode_image(module.clip, images, NO_INJECTION, module._plain_attend,
+                                pooled_only=module.speed.shortcuts(probed=False).prune_last_layer).float()
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def clear(self) -> None:
+        self._text.clear()
+
+
 def qualified_name(obj: object) -> str:
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -148,6 +201,8 @@ class PromptCLIPModule(L.LightningModule):
         warmup_epochs: epochs at the constant ``warmup_lr`` before the cosine starts.
         warmup_lr: learning rate during warm-up.
         cosine_epochs: the cosine's T_max in epochs; null means trainer.max_epochs.
+        cosine_interval: "epoch" steps the warm-up and cosine once per epoch (Dassl); "step" once per
+            optimiser step over the same epochs (PyTorch's CosineAnnealingLR stepped per iteration).
         speed: how the encoders run (`mmprompt.encoders.EncoderOptions`: attention kernel, text
             chunks, truncation, pruning, shared prefix, caching); every option is exact. In YAML
             ``speed: {text_chunk_size: 250}``; a dict works in Python too.
@@ -168,6 +223,7 @@ class PromptCLIPModule(L.LightningModule):
         warmup_epochs: int = 1,
         warmup_lr: float = 1e-5,
         cosine_epochs: int | None = None,
+        cosine_interval: Literal["epoch", "step"] = "epoch",
         speed: EncoderOptions = EncoderOptions(),
     ) -> None:
         super().__init__()
@@ -180,12 +236,18 @@ class PromptCLIPModule(L.LightningModule):
         self.spec = BackboneSpec.from_clip(self.clip, model_name)
         self.adapter = adapter
         adapter.build(BuildContext(self.spec, word_embedder(self.clip, self.tokenizer)))
+        check_supported_blocks(self.clip.transformer.resblocks, "text")
+        check_supported_blocks(self.clip.visual.transformer.resblocks, "vision")
+        #: the frozen model's own features, for regularisers and cache models (`Adapter.regularizers`)
+        self.frozen = FrozenReference(self)
         self.optimizer_factory = optimizer
         self._probes: list[AttendFn] = []  # attached by `probed` / `attach_probe`, in order
         self._class_sets: dict[str, list[ClassSet]] = {}
         self._prompt_cache: dict[tuple[ClassSet, torch.device], tuple[TokenizedPrompts, int]] = {}
         self._text_cache: dict[ClassSet, Tensor] = {}
         self.metrics = torch.nn.ModuleDict()
+        check_fold_declaration(adapter)
+        self._check_text_declaration()
         log.info("%s on %s: %s trainable parameters", type(adapter).__name__, model_name,
                  f"{adapter.num_trainable_parameters():,}")
 
@@ -199,6 +261,22 @@ class PromptCLIPModule(L.LightningModule):
         self.clip = freeze(clip)
         self._prompt_cache.clear()
         self._text_cache.clear()
+        self.frozen.clear()
+
+    def _check_text_declaration(self) -> None:
+        """An adapter that declares a frozen text side (`Adapter.trains_text` False) must really have one:
+        otherwise its cached text features would be detached and its text-side tensors never trained.
+        Checked once, by autograd on one class, with the random state left as it was."""
+        if self.adapter.trains_text() or not any(p.requires_grad for p in self.adapter.parameters()):
+            return
+        classes = ClassSet("declaration check", ("thing",), ensemble_templates=("a photo of a {}.",))
+        image = torch.zeros(1, self.spec.embed_dim) if self.adapter.conditions_text_on_image else None
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            depends = self.encode_classes(classes, image).requires_grad
+        self._prompt_cache.clear()
+        if depends:
+            raise TypeError(f"{type(self.adapter).__name__}.trains_text() is False, but its text features depend on "
+                            "trainable tensors: return True (they are then recomputed at every training step)")
 
     @contextmanager
     def running_with(self, speed: EncoderOptions | dict[str, Any], caches: TextCaches | None = None,
@@ -309,6 +387,20 @@ class PromptCLIPModule(L.LightningModule):
                 if name not in self.metrics or self.metrics[name].num_classes != classes.num_classes:
                     self.metrics[name] = MulticlassAccuracy(num_classes=classes.num_classes, average="micro")
         self._text_cache.clear()
+        context = self._preparation_context(stage)
+        if context is not None:  # shapes before a checkpoint loads and the optimizer and DDP take the parameters
+            self.adapter.allocate(context)
+        if stage == "fit":
+            self._check_something_to_train_under_ddp()
+
+    def _check_something_to_train_under_ddp(self) -> None:
+        """DDP refuses a model with no trainable parameter (its own error names no way out): say what to run."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return
+        if not any(p.requires_grad and p.numel() for p in self.adapter.parameters()):
+            raise ValueError(f"{type(self.adapter).__name__} has nothing to train and DDP refuses such a model: run "
+                             "`mmprompt test` with the same options instead (it prepares the adapter, e.g. builds "
+                             "a cache, when the test starts), on one process or several")
 
     def _check_image_size(self, datamodule: Any) -> None:
         size = getattr(datamodule, "image_size", None)
@@ -342,7 +434,7 @@ class PromptCLIPModule(L.LightningModule):
         features = encode_text(self.clip, prompts, self.adapter.text_injection(image_features), self.attend,
                                options.text_chunk_size, bucket_by_length=options.bucket_text,
                                pooled_only=options.prune_last_layer, share_prefix=options.share_text_prefix)
-        features = F.normalize(features.float(), dim=-1)
+        features = F.normalize(self.adapter.transform_text_features(features, classes).float(), dim=-1)
         if num_templates > 1:  # template ensemble: mean of normalised features, renormalised
             features = F.normalize(features.unflatten(-2, (num_templates, -1)).mean(dim=-3), dim=-1)
         return features
@@ -351,7 +443,7 @@ class PromptCLIPModule(L.LightningModule):
         """Text features, reused while they can't change: in evaluation, or when the text side is frozen."""
         if self.adapter.conditions_text_on_image:
             return self.encode_classes(classes, image_features)
-        frozen = not torch.is_grad_enabled() or not self.adapter.text_injection().requires_grad
+        frozen = not torch.is_grad_enabled() or not self.adapter.trains_text()
         if not (self.speed.cache_text_features and frozen):
             return self.encode_classes(classes)
         if classes not in self._text_cache:
@@ -361,34 +453,48 @@ class PromptCLIPModule(L.LightningModule):
     def image_features(self, images: Tensor) -> Tensor:
         features = encode_image(self.clip, images, self.adapter.vision_injection(), self.attend,
                                 pooled_only=self._shortcuts.prune_last_layer)
-        return F.normalize(features.float(), dim=-1)
+        return F.normalize(self.adapter.transform_image_features(features).float(), dim=-1)
 
-    def forward(self, images: Tensor, classes: ClassSet) -> Tensor:
-        """Logits (B, C): CLIP's ``logit_scale.exp()`` times the cosine of image and text features."""
+    def outputs(self, images: Tensor, classes: ClassSet) -> Outputs:
+        """Features and logits of one batch: CLIP's ``logit_scale.exp()`` times the cosine of image and text
+        features, plus the adapter's `extra_logits`."""
         image = self.image_features(images)
         text = self.text_features(classes, image)
         scale = self.clip.logit_scale.exp().float()
         logits = scale * (torch.einsum("bd,bcd->bc", image, text) if text.dim() == 3 else image @ text.t())
         if getattr(self.clip, "logit_bias", None) is not None:
             logits = logits + self.clip.logit_bias
-        return logits
+        extra = self.adapter.extra_logits(image, classes)
+        return Outputs(image, text, logits if extra is None else logits + extra)
+
+    def forward(self, images: Tensor, classes: ClassSet) -> Tensor:
+        """Logits (B, C) of ``images`` over ``classes`` (see `outputs`)."""
+        return self.outputs(images, classes).logits
 
     # ------------------------------------------------------------------ steps
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         classes = self.class_sets("fit")[0]
-        logits = self(batch["image"], classes)
-        loss = F.cross_entropy(logits, batch["label"])
-        self.metrics[self._metric_key("fit", 0)].update(logits.detach(), batch["label"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
-        return loss
+        images, labels = batch["image"], batch["label"]
+        outputs = self.outputs(images, classes)
+        loss = F.cross_entropy(outputs.logits, labels)
+        terms = self.adapter.regularizers(TrainingStep(images, labels, classes, outputs.image, outputs.text,
+                                                       outputs.logits, self.frozen, self.current_epoch))
+        for name, term in terms.items():
+            self.log(f"train/{name}", term, batch_size=len(labels))
+            loss = loss + term
+        self.metrics[self._metric_key("fit", 0)].update(outputs.logits.detach(), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss if loss.requires_grad else None  # nothing to train (Tip-Adapter): no backward, no step
 
     def on_train_epoch_end(self) -> None:
-        """``train/acc`` in percent, like ``val/*`` and ``test/*`` (synced across ranks by torchmetrics)."""
+        """``train/acc`` in percent, like ``val/*`` and ``test/*`` (synced across ranks by torchmetrics);
+        then the adapter's end-of-epoch step."""
         metric = self.metrics[self._metric_key("fit", 0)]
         if metric.update_called:
             self.log("train/acc", 100.0 * float(metric.compute()), prog_bar=True)
             metric.reset()
+        self.adapter.end_of_epoch(self.current_epoch, self.trainer.max_epochs)
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor], dataloader_idx: int) -> Tensor:
         classes = self.class_sets(stage)[dataloader_idx]
@@ -407,13 +513,33 @@ class PromptCLIPModule(L.LightningModule):
         return {"prediction": logits.argmax(dim=-1), "probability": logits.softmax(dim=-1), "index": batch["index"]}
 
     def on_validation_epoch_start(self) -> None:
+        self._prepare_adapter("validate")
         self._text_cache.clear()
 
     def on_test_epoch_start(self) -> None:
+        self._prepare_adapter("test")
         self._text_cache.clear()
 
     def on_predict_epoch_start(self) -> None:
+        self._prepare_adapter("predict")
         self._text_cache.clear()
+
+    def on_fit_start(self) -> None:
+        self._prepare_adapter("fit")
+
+    def _prepare_adapter(self, stage: str) -> None:
+        """`Adapter.prepare` with the datamodule's few-shot training set, when the datamodule has one."""
+        context = self._preparation_context(stage)
+        if context is not None:
+            self.adapter.prepare(context)
+
+    def _preparation_context(self, stage: str) -> PreparationContext | None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if not isinstance(datamodule, ProvidesTrainingSet):
+            return None
+        return PreparationContext(datamodule.train_classes, datamodule.training_set, self.frozen, self.device,
+                                  seed=int(getattr(datamodule, "seed", 1)), validation_set=datamodule.validation_set,
+                                  stage=stage)
 
     def _log_eval_accuracies(self, stage: str) -> dict[str, float]:
         """Compute (synced across ranks), log and reset each class set's accuracy; add HM for base/new."""
@@ -459,11 +585,20 @@ class PromptCLIPModule(L.LightningModule):
         cosine_epochs = self.hparams.cosine_epochs or self.trainer.max_epochs
         if not cosine_epochs or cosine_epochs < 1:
             raise ValueError("set trainer.max_epochs or model.cosine_epochs: the cosine schedule runs per epoch")
+        interval = self.hparams.get("cosine_interval", "epoch")
+        per = self._steps_per_epoch() if interval == "step" else 1
         factor = functools.partial(
-            warmup_cosine_factor, base_lr=optimizer.param_groups[0]["lr"], warmup_epochs=self.hparams.warmup_epochs,
-            warmup_lr=self.hparams.warmup_lr, cosine_epochs=cosine_epochs,
+            warmup_cosine_factor, base_lr=optimizer.param_groups[0]["lr"], warmup_epochs=self.hparams.warmup_epochs * per,
+            warmup_lr=self.hparams.warmup_lr, cosine_epochs=cosine_epochs * per,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": interval}}
+
+    def _steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch, for a per-step schedule (the trainer's estimate over max_epochs)."""
+        epochs = self.trainer.max_epochs
+        if not epochs or epochs < 1:
+            raise ValueError('cosine_interval "step" needs trainer.max_epochs >= 1')
+        return max(1, int(self.trainer.estimated_stepping_batches) // epochs)
 
     # ------------------------------------------------------------------ adapter-only checkpoints
 
@@ -480,6 +615,7 @@ class PromptCLIPModule(L.LightningModule):
 
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
         """Load adapter tensors; every adapter key must be present with its shape, and no other adapter's."""
+        self._prepare_adapter_to_load(state_dict)
         given = shapes_of({key: value for key, value in state_dict.items() if key.startswith(ADAPTER_PREFIX)})
         problems = shape_mismatches(self.adapter_shapes(), given, noun="adapter tensors", limit=5)
         if problems:
@@ -490,6 +626,10 @@ class PromptCLIPModule(L.LightningModule):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         # the frozen backbone is never in the checkpoint: report only adapter keys (none, after the check above)
         return type(result)([k for k in result.missing_keys if k.startswith(ADAPTER_PREFIX)], result.unexpected_keys)
+
+    def _prepare_adapter_to_load(self, state_dict: dict[str, Tensor]) -> None:
+        self.adapter.prepare_to_load({key[len(ADAPTER_PREFIX):]: value for key, value in state_dict.items()
+                                      if key.startswith(ADAPTER_PREFIX)})
 
     def adapter_identity(self) -> dict[str, Any]:
         return {"adapter": qualified_name(self.adapter), "model_name": self.spec.model_name,
@@ -533,6 +673,7 @@ class PromptCLIPModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:
             restore_rng(checkpoint["rng_states"])
+        self._prepare_adapter_to_load(checkpoint.get("state_dict") or {})
         saved = checkpoint.get("mmprompt")
         if saved is None:
             return  # not written by mmprompt: load_state_dict still checks every adapter key

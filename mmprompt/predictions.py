@@ -28,10 +28,11 @@ def prediction_rows(output: dict[str, Tensor], batch: dict[str, Tensor], items: 
     probabilities, classes = output["probability"].float().topk(k, dim=-1)
     rows = []
     for i, index in enumerate(batch["index"].tolist()):
-        label = int(batch["label"][i]) if "label" in batch else -1
-        row: Row = {"index": index, "path": str(items[index].path), "label": label,
-                    "label_name": classnames[label] if 0 <= label < len(classnames) else "",
-                    "prediction": classnames[int(output["prediction"][i])]}
+        row: Row = {"index": index, "path": str(items[index].path)}
+        if "label" in batch:  # a dataset's split; the user's own images (--images) have no labels
+            label = int(batch["label"][i])
+            row.update(label=label, label_name=classnames[label] if 0 <= label < len(classnames) else "")
+        row["prediction"] = classnames[int(output["prediction"][i])]
         for rank in range(k):
             row[f"top{rank + 1}"] = classnames[int(classes[i, rank])]
             row[f"top{rank + 1}_prob"] = round(float(probabilities[i, rank]), 6)

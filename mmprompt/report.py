@@ -68,6 +68,7 @@ PUBLISHED: tuple[Published, ...] = (
     Published("CLIP zero-shot", "average", 69.34, 74.22, 71.70),
     Published("CoOp", "average", 82.69, 63.22, 71.66),
     Published("CoCoOp", "average", 80.47, 71.69, 75.83),
+    Published("KgCoOp", "average", 80.73, 73.60, 77.00),
     Published("MaPLe", "average", 82.28, 75.14, 78.55),
     Published("PromptSRC", "average", 84.26, 76.10, 79.97),
     Published("MaPLe", "eurosat", 94.07, 73.23, 82.35),

@@ -19,8 +19,9 @@ on the seed). Everything after ``--`` is appended to every command, so it overri
 
 ``--dry-run`` prints the plan, ``--print-commands`` prints only the commands still to run (one per
 line, for a cluster scheduler), otherwise the commands run one after another, or with ``--devices 0 1
-2 3`` in parallel, one per GPU (``CUDA_VISIBLE_DEVICES``), and ``mmprompt report`` summarises ``out_dir``
-at the end.
+2 3`` in parallel, one per GPU (``CUDA_VISIBLE_DEVICES``), or with ``--launcher slurm`` as one SLURM job
+array through submitit (`mmprompt.sweep_cluster`), and ``mmprompt report`` summarises ``out_dir`` at
+the end.
 """
 
 from __future__ import annotations
@@ -334,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. --devices 0 1 2 3; default: one run at a time on what the configs choose")
     parser.add_argument("--keep_going", "--keep-going", action="store_true", help="continue after a failed run (default: stop)")
     parser.add_argument("--no_report", "--no-report", action="store_true", help="skip `mmprompt report` at the end")
+    from .sweep_cluster import add_launcher_arguments  # submitit, no torch
+
+    add_launcher_arguments(parser)
     return parser
 
 
@@ -348,6 +352,19 @@ def parse_config(argv: Sequence[str]) -> tuple[SweepConfig, argparse.Namespace]:
         out_dir=args.out_dir or Path("runs") / label, configs=args.configs, label=args.label, source=args.source,
         extra=tuple(extra))
     return config, args
+
+
+def run_sweep(config: SweepConfig, runs: Sequence[PlannedRun], args: argparse.Namespace,
+              runner: Runner | None) -> SweepSummary | None:
+    """Here (one run at a time, or one per ``--devices`` GPU), or as a job array (``--launcher``)."""
+    if args.launcher is None:
+        return execute(config, runs, runner or subprocess_runner, keep_going=args.keep_going, devices=args.devices)
+    if args.devices:
+        raise ValueError("--devices and --launcher exclude each other: a cluster job uses the GPUs it is given "
+                         "(--gpus_per_node)")
+    from .sweep_cluster import run_on_cluster
+
+    return run_on_cluster(config, runs, args, runner)
 
 
 def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
@@ -369,10 +386,12 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
                   file=sys.stderr)
         return 0
     try:
-        summary = execute(config, runs, runner or subprocess_runner, keep_going=args.keep_going, devices=args.devices)
+        summary = run_sweep(config, runs, args, runner)
     except KeyboardInterrupt:
         print("mmprompt sweep: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    if summary is None:
+        return 0  # submitted to SLURM without --wait
     print(summary.text())
     status = 0 if summary.ok else 1
     if not args.no_report and any(run.finished for run in runs):

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mmprompt.backbone import BackboneSpec, get_tokenizer, load_clip  # noqa: E402
+from mmprompt.data import FewShotDataModule  # noqa: E402
 from mmprompt.data.protocol import ClassSet  # noqa: E402
 
 TINY = "mmprompt-tiny"
@@ -31,3 +32,12 @@ def vit_b16():
     """ViT-B/16 with random weights (built once: ~7 s on 2 cores)."""
     clip = load_clip("ViT-B-16-quickgelu", pretrained=None)
     return clip, get_tokenizer("ViT-B-16-quickgelu"), BackboneSpec.from_clip(clip, "ViT-B-16-quickgelu")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """The generated synthetic shapes (64 px) under a fresh data root, once per test module; a module
+    may define its own ``data_root`` (that one wins)."""
+    root = tmp_path_factory.mktemp("data")
+    FewShotDataModule(dataset="synthetic", root=str(root), image_size=64).prepare_data()
+    return root

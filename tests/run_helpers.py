@@ -124,6 +124,29 @@ def torchrun(*args: str, nproc: int, cwd: Path, timeout: float = HARD_TIMEOUT_S)
     return run_with_hard_timeout(argv, cwd, timeout, cli_env())
 
 
+def torchrun_nodes(*args: str, nodes: int, cwd: Path, timeout: float = HARD_TIMEOUT_S) -> list[subprocess.CompletedProcess]:
+    """One ``torchrun --nnodes N --node_rank i --nproc_per_node 1`` agent per node, all on this machine
+    and meeting at a c10d rendezvous on 127.0.0.1, as users start a multi-node job; each agent (and its
+    workers) in its own session, all killed when one exceeds the shared ``timeout``."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    processes = []
+    for node in range(nodes):
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(node),
+                "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "-m", "mmprompt", *args]
+        processes.append(subprocess.Popen(argv, cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, start_new_session=True))
+    results = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"{nodes} torchrun agents did not finish in {timeout} s (hang?)") from None
+    return results
+
+
 def free_port() -> int:
     import socket
 

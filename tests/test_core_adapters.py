@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from mmprompt.adapters import (
-    IVLP, BiasTuning, BuildContext, CoCoOp, CoOp, CoupledBiasTuning, LoRA, MaPLe, TextDeep, VPTDeep, ZeroShot,
+    IVLP, BiasTuning, BuildContext, CLIPAdapter, CoCoOp, CoOp, CoupledBiasTuning, KgCoOp, LoRA, MaPLe, PromptSRC,
+    TextDeep, TipAdapter, TipAdapterF, VPTDeep, ZeroShot,
 )
+from mmprompt.adapters.base import PreparationContext
 from mmprompt import method_table
 from mmprompt.data.protocol import ClassSet
 from mmprompt.module import PromptCLIPModule, word_embedder
@@ -37,10 +39,26 @@ def _build_context(clip, tokenizer, spec) -> BuildContext:
     (BiasTuning(placement="both"), 2 * 11_520),
     (LoRA(), 184_320),
     (ZeroShot(), 0),
+    (KgCoOp(), 2_048),
+    (PromptSRC(), 46_080),
+    (CLIPAdapter(), 512 * 128 + 128 * 512),
+    (TipAdapter(), 0),
+    (TipAdapterF(), 0),  # before its cache is sized: K·C·512 (below)
 ], ids=lambda value: type(value).__name__ if not isinstance(value, int) else str(value))
 def test_trainable_parameter_counts_on_vit_b16(vit_b16, adapter, expected):
     adapter.build(_build_context(*vit_b16))
     assert adapter.num_trainable_parameters() == expected
+
+
+@pytest.mark.slow
+def test_tip_adapter_f_trains_one_key_per_training_image_on_vit_b16(vit_b16):
+    """K·C·512: 16 shots of Caltech101's 100 classes give 819,200 trainable parameters (ImageNet: 8,192,000)."""
+    adapter = TipAdapterF()
+    adapter.build(_build_context(*vit_b16))
+    assert adapter.parameter_formula() == "K·C·512"
+    classes = ClassSet("all", tuple(f"class {i}" for i in range(100)))
+    adapter.allocate(PreparationContext(classes, lambda crop_scale=None: range(16 * 100), None, "cpu"))
+    assert adapter.num_trainable_parameters() == 819_200
 
 
 @pytest.mark.slow

@@ -107,7 +107,7 @@ def test_published_rows_marked_and_placed(tmp_path):
     assert "| CLIP zero-shot (published) | average of 11 |  | 69.34 | 74.22 | 71.70 |  |" in markdown
     assert "94.07" not in markdown  # the EuroSAT reference only appears next to EuroSAT runs
     published = [r for r in read_csv(out / "base2new_base2new.csv") if r["source"] == "published"]
-    assert {r["method"] for r in published} == {"CLIP zero-shot", "CoOp", "CoCoOp", "MaPLe", "PromptSRC"}
+    assert {r["method"] for r in published} == {"CLIP zero-shot", "CoOp", "CoCoOp", "KgCoOp", "MaPLe", "PromptSRC"}
 
     write_result(tmp_path / "runs", "base2new", "MaPLe", "EuroSAT", 1, base_new(90, 70))
     markdown = (run_report(tmp_path) / "report.md").read_text()
@@ -254,7 +254,7 @@ def test_backbones_get_their_own_tables_and_published_rows_only_join_vit_b16(tmp
     markdown = (out / "report.md").read_text()
     for backbone in ("ViT-B-16-quickgelu", "mmprompt-tiny", "ViT-B-16"):
         assert f"## base2new: base-to-novel (accuracy %), backbone {backbone}\n" in markdown
-    assert markdown.count("(published)") == 6  # 5 averages + MaPLe on EuroSAT, in the ViT-B/16 OpenAI table only
+    assert markdown.count("(published)") == 7  # 6 averages + MaPLe on EuroSAT, in the ViT-B/16 OpenAI table only
     tiny = read_csv(out / "base2new_base2new_mmprompt-tiny.csv")
     assert {r["source"] for r in tiny} == {"ours"} and {r["backbone"] for r in tiny} == {"mmprompt-tiny"}
     assert float(row(tiny, dataset="eurosat")["base_mean"]) == 40.0

@@ -75,5 +75,11 @@ class BiasTuning(Adapter):
     def text_injection(self, image_features=None) -> Injection:
         return self._injection("text")
 
+    def trains_text(self) -> bool:
+        return self.branch in ("both", "text")
+
+    def fold_refusal(self) -> str | None:
+        return None  # learned biases fold exactly into out_proj / c_proj (mmprompt.export)
+
     def vision_injection(self) -> Injection:
         return self._injection("vision")

@@ -38,6 +38,10 @@ class CoCoOp(TextPromptAdapter):
             ("linear2", nn.Linear(hidden, spec.text_width)),
         ]))
 
+    def fold_refusal(self) -> str | None:
+        return (f"{type(self).__name__} conditions its text on the image: it can't be folded into CLIP's weights; "
+                "export the adapter form instead (--format adapter)")
+
     def text_injection(self, image_features: Tensor | None = None) -> Injection:
         if image_features is None:
             raise ValueError("CoCoOp's text prompts depend on the image: pass image_features")

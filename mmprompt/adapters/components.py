@@ -14,6 +14,12 @@ from .base import Adapter, BuildContext, check_depth
 PROMPT_INIT_STD = 0.02
 
 
+def prompt_fold_refusal(adapter: Adapter) -> str:
+    """Why a method with prompt tokens has no folded open_clip form."""
+    return (f"{type(adapter).__name__} adds prompt tokens, which join the attention of every input; no change of "
+            "CLIP's weights reproduces that, so only the adapter form exists (--format adapter)")
+
+
 def normal_parameter(*shape: int, std: float = PROMPT_INIT_STD) -> nn.Parameter:
     return nn.Parameter(torch.randn(*shape) * std)
 
@@ -78,6 +84,9 @@ class TextPromptAdapter(Adapter):
 
     def text_injection(self, image_features: Tensor | None = None) -> Injection:
         return Injection(prompts=self.text.layer_prompts())
+
+    def fold_refusal(self) -> str | None:
+        return prompt_fold_refusal(self)
 
 
 class VisionPromptStack(nn.Module):

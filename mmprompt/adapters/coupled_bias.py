@@ -45,6 +45,9 @@ class CoupledBiasTuning(Adapter):
     def text_injection(self, image_features=None) -> Injection:
         return bias_injection(self.layer_indices, dict(self.text_biases))
 
+    def fold_refusal(self) -> str | None:
+        return None  # both towers' biases fold exactly into out_proj / c_proj (mmprompt.export)
+
     def vision_injection(self) -> Injection:
         vision = {
             place: torch.stack([self.projections[place][i](rows[i]) for i in range(len(self.layer_indices))])

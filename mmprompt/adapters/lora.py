@@ -109,5 +109,12 @@ class LoRA(Adapter):
     def text_injection(self, image_features: Tensor | None = None) -> Injection:
         return self._injection("text")
 
+    def trains_text(self) -> bool:
+        return self.branch in ("both", "text")
+
+    def fold_refusal(self) -> str | None:
+        return (f"{type(self).__name__} adds weight deltas (modules on the blocks' linear maps); only learned biases "
+                "are folded, so only the adapter form exists (--format adapter)")
+
     def vision_injection(self) -> Injection:
         return self._injection("vision")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..encoders import Injection
 from ..methods import register_method
 from .base import Adapter, BuildContext
-from .components import VisionPromptStack
+from .components import VisionPromptStack, prompt_fold_refusal
 
 
 @register_method("vpt_deep", order=30)
@@ -27,3 +27,9 @@ class VPTDeep(Adapter):
 
     def vision_injection(self) -> Injection:
         return Injection(prompts=self.vision.layer_prompts())
+
+    def trains_text(self) -> bool:
+        return False  # the text side is zero-shot CLIP's: encoded once per run
+
+    def fold_refusal(self) -> str | None:
+        return prompt_fold_refusal(self)

@@ -20,6 +20,12 @@ class ZeroShot(Adapter):
         super().__init__()
         self.ensemble = ensemble
 
+    def trains_text(self) -> bool:
+        return False
+
+    def fold_refusal(self) -> str | None:
+        return None  # nothing to fold: the export is CLIP itself
+
     def prompt_texts(self, classes: ClassSet) -> list[list[str]]:
         if not self.ensemble:
             return super().prompt_texts(classes)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import lightning as L
 import torch
 from torch import Tensor
 
@@ -125,3 +126,38 @@ def reference_maps(reference: Path, images: Tensor) -> dict | None:
         log.warning("reference %s saved other images than this run: overlay shows this model only", path)
         return None
     return saved
+
+
+def overlay_file_name(index: int, path: str) -> str:
+    """``<index>-<stem>.png``: the index is the CSV row's, so two images with one name never collide."""
+    return f"{index:05d}-{Path(path).stem}.png"
+
+
+class ImageOverlayWriter(L.Callback):
+    """One PNG per predicted image (``mmprompt predict --images ... --overlay true``): the image and
+    the model's [cls] attention over it, titled with the top-1 class. Each rank draws its own images
+    (no collective).
+
+    Args:
+        out_dir: the folder of the PNG files.
+        layer: "rollout" (attention rollout over every layer) or one vision layer's index.
+    """
+
+    def __init__(self, out_dir: str | Path, layer: LayerChoice = "rollout") -> None:
+        self.out_dir, self.layer = Path(out_dir), layer
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        from .plots import plot_attention_overlays
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        loaders = trainer.predict_dataloaders
+        items = (loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders).dataset.items
+        classnames = pl_module.class_sets("predict")[dataloader_idx].classnames
+        maps = attention_maps(pl_module, batch["image"], self.layer)
+        name = type(pl_module.adapter).__name__
+        for row, index in enumerate(batch["index"].tolist()):
+            best = float(outputs["probability"][row].max())
+            title = f"{Path(items[index].path).name}: {classnames[int(outputs['prediction'][row])]} ({best:.2f})"
+            plot_attention_overlays(batch["image"][row:row + 1], {name: maps[row:row + 1]},
+                                    self.out_dir / overlay_file_name(index, items[index].path), title=title)

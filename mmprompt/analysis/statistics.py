@@ -21,7 +21,12 @@ from torch import Tensor
 from ..attention import AttentionSite, fused_attention
 from ..data.masks import mask_to_patch_grid
 from ..tables import write_json_atomic
-from .common import ReduceFn, as_loader_list, first_items, markdown_table, run_folder, trainer_sum, write_table
+from .common import (
+    ReduceFn, as_loader_list, first_items, has_prompts, markdown_table, run_folder, trainer_sum, write_table,
+)
+
+#: what the summary says of a method with no prompt tokens (LoRA, CLIP-Adapter, Tip-Adapter)
+NO_PROMPTS_NOTE = "no prompt tokens: λ = 0 (λ_cls and λ_EOT are 0 by definition)"
 from .decomposition import Decomposition, decompose_scores, row_scores
 
 Stage = Literal["test", "validate"]
@@ -187,7 +192,8 @@ def summary_table(summary: dict) -> str:
     eot = layer_means(summary, "text", "prompt_mass")
     rows = [{"layer": layer, "fg_ratio": ratio[layer], "lambda_cls": cls_mass[layer],
              "lambda_eot": eot[layer] if layer < len(eot) else None} for layer in range(len(ratio))]
-    return markdown_table(rows)
+    table = markdown_table(rows)
+    return table if summary.get("meta", {}).get("prompt_tokens", True) else f"{table}\n{NO_PROMPTS_NOTE}"
 
 
 def load_summary(path: str | Path) -> dict:
@@ -276,7 +282,8 @@ class AttentionStatistics(L.Callback):
         shared_text = not module.adapter.conditions_text_on_image  # every rank encodes the same class prompts
         self.summary = self.probe.accumulator.reduced(trainer_sum(trainer), text=not shared_text).summary()
         self.summary["meta"] = {"adapter": type(module.adapter).__name__, "model_name": module.spec.model_name,
-                                "stage": stage, "max_batches": self.max_batches}
+                                "stage": stage, "max_batches": self.max_batches,
+                                "prompt_tokens": has_prompts(module.adapter, "both")}
         self.probe = None
         folder = run_folder(trainer, self.output_dir)  # a collective: every rank, before the rank-0 branch
         if trainer.is_global_zero:

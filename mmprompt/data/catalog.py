@@ -191,9 +191,12 @@ def require_dir(path: Path, layout: str) -> Path:
 
 def list_dirs(path: Path) -> list[str]:
     """Sorted names of the non-hidden sub-folders (sorted so every machine labels alike)."""
-    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    with os.scandir(path) as entries:
+        return sorted(entry.name for entry in entries if not entry.name.startswith(".") and entry.is_dir())
 
 
 def list_files(path: Path) -> list[str]:
-    """Sorted names of the non-hidden files in a folder."""
-    return sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    """Sorted names of the non-hidden files in a folder: one ``scandir`` pass, whose entries know their
+    type without a ``stat`` per file (10x faster on ImageNet's 1.28M files, docs/datasets.md)."""
+    with os.scandir(path) as entries:
+        return sorted(entry.name for entry in entries if not entry.name.startswith(".") and entry.is_file())

@@ -176,10 +176,23 @@ class FewShotDataModule(L.LightningDataModule):
         if stage == "fit":
             require_files(self.spec.dataset_dir(self.root), self.catalog.split("test"), f"{where} (test images)")
 
-    def make_dataset(self, items: list[Item], subsample: str, train: bool) -> ItemDataset:
+    def training_set(self, crop_scale: tuple[float, float] | None = None) -> ItemDataset:
+        """The few-shot training images of `train_classes` with the training transform, for a method
+        that builds something from them before training (a cache model's keys); ``crop_scale``
+        overrides ``data.crop_scale`` for that pass."""
+        scale = self.crop_scale if crop_scale is None else check_crop_scale(crop_scale)
+        return self.make_dataset(self.fewshot()["train"], self.subsample, train=True, crop_scale=scale)
+
+    def validation_set(self) -> ItemDataset:
+        """The few-shot validation images of `train_classes` with the evaluation transform, for a method
+        that searches its hyper-parameters on them before evaluating (a cache model's α and β)."""
+        return self.make_dataset(self.fewshot()["val"], self.subsample, train=False)
+
+    def make_dataset(self, items: list[Item], subsample: str, train: bool,
+                     crop_scale: tuple[float, float] | None = None) -> ItemDataset:
         kept = class_subset(len(self.catalog.classnames), subsample)
         masks = self.spec.masks() if self.with_masks and self.spec.masks is not None else None
-        transform = build_transform(train, self.image_size, self.mean, self.std, self.crop_scale)
+        transform = build_transform(train, self.image_size, self.mean, self.std, crop_scale or self.crop_scale)
         where = f"dataset {self.spec.name} ({'training' if train else 'evaluation'} images)"
         require_files(self.spec.dataset_dir(self.root), items, where)
         return ItemDataset(self.spec.dataset_dir(self.root), relabel(items, kept), transform, masks, self.spec.name)

@@ -18,12 +18,13 @@ from .catalog import (
     classnames_from_entries,
     clean_classname,
     list_dirs,
-    list_files,
     missing_file,
     read_json,
     require_dir,
     safe_relpath,
 )
+from .fewshot import FEWSHOT_DIR
+from .listing import LISTING_FILE, FolderListing, gc_paused
 
 if TYPE_CHECKING:
     from .registry import DatasetSpec
@@ -125,16 +126,33 @@ def read_imagenet_classnames(dataset_dir: Path, layout: str) -> dict[str, str]:
     )
 
 
-def list_class_folders(base: Path, rel_dir: str, folder_labels: list[tuple[str, int]], layout: str) -> list[Item]:
+def list_class_folders(base: Path, rel_dir: str, folder_labels: list[tuple[str, int]], layout: str,
+                       listing: FolderListing | None = None) -> list[Item]:
     """Items of class-per-folder trees: every image in ``<rel_dir>/<folder>/`` gets that folder's
-    label. A missing or empty folder is an error, never a silently smaller class."""
-    items = []
-    for folder, label in folder_labels:
-        rel = posixpath.join(rel_dir, folder) if rel_dir else folder
-        names = [n for n in list_files(require_dir(base / rel, layout)) if n.lower().endswith(IMAGE_EXTENSIONS)]
-        if not names:
-            raise ValueError(f"class folder {base / rel} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        items.extend(Item(f"{rel}/{name}", label) for name in names)
+    label. A missing or empty folder is an error, never a silently smaller class. ``listing`` reuses
+    the cached names of folders that did not change (`mmprompt.data.listing`)."""
+    listing = listing or FolderListing(base, None, IMAGE_EXTENSIONS)
+    items: list[Item] = []
+    with gc_paused():
+        for folder, label in folder_labels:
+            rel = posixpath.join(rel_dir, folder) if rel_dir else folder
+            require_dir(base / rel, layout)
+            names = listing.files(rel)
+            if not names:
+                raise ValueError(f"class folder {base / rel} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            prefix = rel + "/"
+            items.extend([Item(prefix + name, label) for name in names])
+    return items
+
+
+def class_folder_items(dataset_dir: Path, splits: dict[str, str], folder_labels: list[tuple[str, int]],
+                       layout: str) -> dict[str, list[Item]]:
+    """``{split: items}`` of ``{split: folder holding the class folders}``, the listing read from and
+    written to ``<dataset>/split_fewshot/listing.json`` (`FolderListing`): the ImageNet trees."""
+    listing = FolderListing(dataset_dir, dataset_dir / FEWSHOT_DIR / LISTING_FILE, IMAGE_EXTENSIONS)
+    items = {split: list_class_folders(dataset_dir, folder, folder_labels, layout, listing)
+             for split, folder in splits.items()}
+    listing.save()
     return items
 
 
@@ -148,11 +166,8 @@ def parse_imagenet(dataset_dir: Path, spec: DatasetSpec) -> Catalog:
     require_dir(dataset_dir, spec.layout)
     table = read_imagenet_classnames(dataset_dir, spec.layout)
     labels = wnid_labels(table)
-    splits = {
-        split: list_class_folders(dataset_dir, f"{spec.image_dir}/{folder}", labels, spec.layout)
-        for split, folder in (("train", "train"), ("test", "val"))
-    }
-    return Catalog(tuple(table[w] for w, _ in labels), splits)
+    folders = {"train": f"{spec.image_dir}/train", "test": f"{spec.image_dir}/val"}
+    return Catalog(tuple(table[w] for w, _ in labels), class_folder_items(dataset_dir, folders, labels, spec.layout))
 
 
 def parse_imagenet_v2(dataset_dir: Path, spec: DatasetSpec) -> Catalog:
@@ -160,7 +175,7 @@ def parse_imagenet_v2(dataset_dir: Path, spec: DatasetSpec) -> Catalog:
     require_dir(dataset_dir, spec.layout)
     table = read_imagenet_classnames(dataset_dir, spec.layout)
     folders = [(str(i), i) for i in range(len(table))]
-    return Catalog(tuple(table.values()), {"test": list_class_folders(dataset_dir, spec.image_dir, folders, spec.layout)})
+    return Catalog(tuple(table.values()), class_folder_items(dataset_dir, {"test": spec.image_dir}, folders, spec.layout))
 
 
 def parse_imagenet_wnid_folders(dataset_dir: Path, spec: DatasetSpec) -> Catalog:
@@ -176,4 +191,5 @@ def parse_imagenet_wnid_folders(dataset_dir: Path, spec: DatasetSpec) -> Catalog
             + (f"unknown folders {unknown[:10]}" if unknown else "found none")
         )
     folders = [(w, i) for i, w in enumerate(wnids)]
-    return Catalog(tuple(table[w] for w in wnids), {"test": list_class_folders(dataset_dir, spec.image_dir, folders, spec.layout)})
+    return Catalog(tuple(table[w] for w in wnids),
+                   class_folder_items(dataset_dir, {"test": spec.image_dir}, folders, spec.layout))
