@@ -29,22 +29,32 @@ class UnwritableFile(OSError):
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST)
 
 
-def free_space(path: Path) -> str:
-    """Free space on the filesystem holding ``path`` (its nearest existing folder), e.g. ``"12.0 MB"``."""
+def existing_folder(path: Path) -> Path:
+    """``path`` or its nearest existing parent."""
     folder = Path(path)
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
+    return folder
+
+
+def disk_of(path: Path) -> str:
+    """The filesystem holding ``path``: its mount point and free space, e.g. ``"/data (12.0 MB free)"``."""
+    folder = existing_folder(Path(path).absolute())
+    mount = folder
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
     try:
-        return f"{shutil.disk_usage(folder).free / 1e6:.1f} MB"
+        free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
     except OSError:
-        return "unknown"
+        free = "free space unknown"
+    return f"{mount} ({free})"
 
 
 def unwritable(path: str | os.PathLike, err: OSError, what: str = "") -> UnwritableFile:
     """The error for a failed write at ``path`` (of ``what``, e.g. "checkpoint"): the reason, the
     disk's free space when it is full, and what to do."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason = (f"the disk is full ({err.strerror}; {free_space(Path(path))} free on the filesystem holding "
+        reason = (f"the disk is full ({err.strerror}; the filesystem mounted at {disk_of(Path(path).parent)} holds "
                   f"{Path(path).parent}); free space there or write to a folder on another disk")
     elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         reason = f"{err.strerror}: the folder is read-only here; choose a writable folder"
