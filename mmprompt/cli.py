@@ -32,8 +32,8 @@ from .backbone import BUNDLED_PRETRAINED
 from .checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from .commands import ALIASES, TOOLS, answer_without_imports, run_tool, shown_without_traceback
 from .data.datamodule import FewShotDataModule
-from .files import is_write_error, unwritable
-from .guards import (checkpoint_model_options, check_config_files, config_paths, init_defaults,
+from .files import UnreadableFile, is_write_error, unwritable
+from .guards import (LAST_CKPT, checkpoint_model_options, check_config_files, config_paths, error_text, init_defaults,
                      is_global_rank_zero, outside_tiny_world, refuse_reused_run_dir)
 from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
 from .inference import add_image_options, checked_image_paths, images_as_one_value, predict_images
@@ -252,8 +252,14 @@ class MMPromptCLI(LightningCLI):
     def after_fit(self) -> None:
         config = self._run_config()
         if config.test_after_fit and not self.trainer.interrupted:
-            baseline = self._test_zero_shot() if config.compare_zero_shot else None
-            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            try:
+                baseline = self._test_zero_shot() if config.compare_zero_shot else None
+                self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            except UnreadableFile as error:  # a test image whose contents are broken: training is not lost
+                raise UnreadableFile(f"{error_text(error)}; training finished and is saved in "
+                                     f"{self.run_dir / LAST_CKPT}: once the file is fixed, `mmprompt test --config "
+                                     f"{self.run_dir / 'config.yaml'} --ckpt_path {self.run_dir / LAST_CKPT}` "
+                                     "tests it") from error
             self._write_results(baseline)
 
     def _test_zero_shot(self) -> dict[str, float]:

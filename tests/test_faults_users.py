@@ -428,3 +428,18 @@ def test_a_full_disk_in_any_json_writer_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=f"cannot write {tmp_path / 'results.json'}: the disk is full"):
         write_json_atomic(tmp_path / "results.json", {"a": 1})
     assert not list(tmp_path.iterdir())  # no temporary file left
+
+
+def test_a_broken_test_image_after_training_says_how_to_test_the_saved_model(tmp_path, capsys):
+    """A truncated test image is found when it is read (checking every image's contents before training
+    would decode the whole test set); main ended on the file's error alone, as if training were lost."""
+    split = custom_tree(tmp_path, {"cat": 4, "dog": 4, "fox": 4, "owl": 4})
+    broken = split.parent / json.loads(split.read_text())["test"][0][0]
+    broken.write_bytes(broken.read_bytes()[:60])
+    args = fit_args(tmp_path, tmp_path / "runs", "--data.dataset", "custom", "--data.split_file", str(split),
+                    "--version", "v", "--trainer.max_epochs", "1", "--trainer.limit_test_batches", "2")
+    assert main(args) == 2
+    run = tmp_path / "runs" / "demo" / "v"
+    assert_clear_error(capsys, f"cannot read image {broken}", f"training finished and is saved in {run / 'checkpoints' / 'last.ckpt'}",
+                       f"`mmprompt test --config {run / 'config.yaml'} --ckpt_path {run / 'checkpoints' / 'last.ckpt'}`")
+    assert (run / "checkpoints" / "last.ckpt").is_file()
