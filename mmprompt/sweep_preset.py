@@ -6,7 +6,8 @@ A preset is a YAML file (``configs/presets/<name>.yaml``, or any path) holding w
 get separate tables), ``methods``, ``datasets`` and ``overrides``; ``report`` holds the arguments
 ``mmprompt report`` gets after the output folder. In override strings ``{configs}`` is the configs
 folder. The sweeps run one after another into the same ``out_dir``; finished runs are skipped, so the
-same command resumes.
+same command resumes. Seeds are the outer loop (seed 1 of every sweep, then seed 2, ...), so a preset
+stopped early has complete seeds, each with every method and dataset, for the report to use.
 
 ``--sweeps``, ``--datasets`` and ``--seeds`` cut a preset down (a quick check, or the test of the
 preset); everything after ``--`` is appended to every run's command, after the preset's overrides.
@@ -24,7 +25,7 @@ import yaml
 
 from . import report
 from .sweep import (
-    Runner, SweepConfig, SweepSummary, execute, missing_configs, plan_sweep, dry_run_lines, split_extra,
+    PlannedRun, Runner, SweepConfig, SweepSummary, execute, missing_configs, plan_sweep, dry_run_lines, split_extra,
     subprocess_runner,
 )
 from .shipped import default_configs_dir
@@ -87,9 +88,6 @@ def read_preset(path: Path) -> Preset:
             raise PresetError(f"{where}: expected a mapping with a 'label' string")
         sweeps.append(PresetSweep(item["label"], _strings(item, "methods", where), _strings(item, "datasets", where),
                                   _strings(item, "overrides", where, required=False)))
-    labels = [s.label for s in sweeps]
-    if len(set(labels)) != len(labels):
-        raise PresetError(f"{path}: sweep labels must differ (results of one label share a table): {labels}")
     seeds = tuple(int(s) for s in _strings(data, "seeds", str(path)))
     return Preset(path, str(data.get("protocol", "base2new")), Path(str(data.get("out_dir", f"runs/{path.stem}"))),
                   seeds, _strings(data, "overrides", str(path), required=False), tuple(sweeps),
@@ -118,6 +116,15 @@ def sweep_configs(preset: Preset, sweeps: Sequence[PresetSweep], configs: Path, 
                         out_dir=out_dir, configs=configs, label=s.label,
                         extra=expand(preset.overrides) + expand(s.overrides) + tuple(extra))
             for s in sweeps]
+
+
+def seed_major(plans: Sequence[tuple[SweepConfig, list[PlannedRun]]]
+               ) -> list[tuple[int, SweepConfig, list[PlannedRun]]]:
+    """The plans regrouped seed by seed (each sweep's runs of seed 1, then of seed 2, ...), skipping empty
+    groups (zero-shot runs only exist for the first seed)."""
+    seeds = list(dict.fromkeys(seed for config, _ in plans for seed in config.seeds))
+    return [(seed, config, chosen) for seed in seeds for config, runs in plans
+            if (chosen := [run for run in runs if run.seed == seed])]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,8 +164,8 @@ def main(argv: Sequence[str], runner: Runner | None = None) -> int:
         print("\n".join(line for config, runs in plans for line in dry_run_lines(config, runs)))
         return 0
     status = 0
-    for config, runs in plans:
-        print(f"mmprompt sweep --preset {args.preset}: {config.label} ({len(runs)} runs)", flush=True)
+    for seed, config, runs in seed_major(plans):
+        print(f"mmprompt sweep --preset {args.preset}: seed {seed}, {config.label} ({len(runs)} runs)", flush=True)
         summary: SweepSummary = execute(config, runs, runner or subprocess_runner, keep_going=args.keep_going,
                                         devices=args.devices)
         print(summary.text(), flush=True)
