@@ -6,8 +6,8 @@ A preset is a YAML file (``configs/presets/<name>.yaml``, or any path) holding w
 get separate tables), ``methods``, ``datasets`` and ``overrides``; ``report`` holds the arguments
 ``mmprompt report`` gets after the output folder. In override strings ``{configs}`` is the configs
 folder. The sweeps run one after another into the same ``out_dir``; finished runs are skipped, so the
-same command resumes. Seeds are the outer loop (seed 1 of every sweep, then seed 2, ...), so a preset
-stopped early has complete seeds, each with every method and dataset, for the report to use.
+same command resumes. The sweeps run in the preset's order, each with all its seeds, so a preset
+ordered by priority and stopped early leaves complete cells (every seed) for the report to use.
 
 ``--sweeps``, ``--datasets`` and ``--seeds`` cut a preset down (a quick check, or the test of the
 preset); everything after ``--`` is appended to every run's command, after the preset's overrides.
@@ -25,7 +25,7 @@ import yaml
 
 from . import report
 from .sweep import (
-    PlannedRun, Runner, SweepConfig, SweepSummary, execute, missing_configs, plan_sweep, dry_run_lines, split_extra,
+    Runner, SweepConfig, SweepSummary, execute, missing_configs, plan_sweep, dry_run_lines, split_extra,
     subprocess_runner,
 )
 from .shipped import default_configs_dir
@@ -118,15 +118,6 @@ def sweep_configs(preset: Preset, sweeps: Sequence[PresetSweep], configs: Path, 
             for s in sweeps]
 
 
-def seed_major(plans: Sequence[tuple[SweepConfig, list[PlannedRun]]]
-               ) -> list[tuple[int, SweepConfig, list[PlannedRun]]]:
-    """The plans regrouped seed by seed (each sweep's runs of seed 1, then of seed 2, ...), skipping empty
-    groups (zero-shot runs only exist for the first seed)."""
-    seeds = list(dict.fromkeys(seed for config, _ in plans for seed in config.seeds))
-    return [(seed, config, chosen) for seed in seeds for config, runs in plans
-            if (chosen := [run for run in runs if run.seed == seed])]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprompt sweep --preset", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", required=True, help="configs/presets/<name>.yaml stem (e.g. claims) or a YAML path")
@@ -164,8 +155,9 @@ def main(argv: Sequence[str], runner: Runner | None = None) -> int:
         print("\n".join(line for config, runs in plans for line in dry_run_lines(config, runs)))
         return 0
     status = 0
-    for seed, config, runs in seed_major(plans):
-        print(f"mmprompt sweep --preset {args.preset}: seed {seed}, {config.label} ({len(runs)} runs)", flush=True)
+    for index, (config, runs) in enumerate(plans, start=1):
+        print(f"mmprompt sweep --preset {args.preset}: sweep {index}/{len(plans)}, {config.label}, "
+              f"{' '.join(config.datasets)} ({len(runs)} runs)", flush=True)
         summary: SweepSummary = execute(config, runs, runner or subprocess_runner, keep_going=args.keep_going,
                                         devices=args.devices)
         print(summary.text(), flush=True)
