@@ -473,7 +473,7 @@ def run_metrics(run: RunResult) -> dict[str, float]:
     return {"test/all/acc": run.metrics["test/all/acc"]}
 
 
-def test_image_counts(run_dir: Path) -> dict[str, int]:
+def image_counts(run_dir: Path) -> dict[str, int]:
     """How many test images each accuracy of a run counted, from its config.yaml and the dataset's split
     file (base = the first ⌈n/2⌉ labels); empty when either can't be read (then no bootstrap)."""
     import yaml  # the report reads YAML only here
@@ -503,7 +503,7 @@ def cell_interval(runs: Sequence[RunResult], metric: str, level: float) -> Inter
     values = [run_metrics(run)[metric] for run in runs]
     if len(values) > 1:
         return t_interval(values, level)
-    count = test_image_counts(runs[0].path.parent).get(metric)
+    count = image_counts(runs[0].path.parent).get(metric)
     return bootstrap_accuracy(values[0], count, level) if count else None
 
 
