@@ -539,14 +539,15 @@ def interval_table(protocol: str, runs: Sequence[RunResult], level: float) -> Ta
 
 
 def paired_table(protocol: str, runs: Sequence[RunResult], level: float) -> Table:
-    """Every two methods on each dataset, A − B on the seeds both ran (zero-shot pairs with every seed)."""
+    """Every two methods on each dataset, A − B on the seeds both ran (zero-shot pairs with every seed); A is
+    the method later in the registry's order (bias tuning last, zero-shot first), so a row reads as a gain."""
     metrics = list(dict.fromkeys(m for run in runs for m in run_metrics(run)))
     table = Table(protocol, "paired", f"{protocol}: paired differences A − B, mean [{level:.0%} interval] "
                   f"(points); ≈ inside the noise", ["dataset", "A", "B", "seeds", *(METRIC_NAMES[m] for m in metrics)])
     cells = group(runs, lambda r: (r.method, cell_dataset(r, runs)))
     for dataset in sorted({d for _, d in cells}, key=dataset_order):
-        present = sorted((m for m, d in cells if d == dataset), key=method_order)
-        for a, b in itertools.combinations(present, 2):
+        present = sorted((m for m, d in cells if d == dataset), key=method_order, reverse=True)
+        for a, b in itertools.combinations(present, 2):  # later in the registry − earlier: a gain over zero-shot
             differences = paired_row(cells[(a, dataset)], cells[(b, dataset)], metrics, level)
             if differences is None:
                 continue

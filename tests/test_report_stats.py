@@ -113,12 +113,12 @@ def test_report_writes_intervals_and_paired_differences(tmp_path):
     assert intervals["BiasTuning"]["interval"] == "t over seeds"
     assert intervals["ZeroShot"]["base_low"] == ""  # no config.yaml next to it: no image count, no bootstrap
     paired = {(r["a"], r["b"]): r for r in read_csv(out / "budget1152_paired.csv")}
-    by_hand = paired[("VPTDeep", "BiasTuning")]  # the registry's order: VPT-deep before bias tuning
-    assert float(by_hand["base_diff"]) == pytest.approx(-8 / 3, abs=1e-4)  # the CSV keeps 4 decimals
-    assert float(by_hand["base_high"]) == pytest.approx(-8 / 3 + 5.1715, abs=1e-3)
+    by_hand = paired[("BiasTuning", "VPTDeep")]  # A is later in the registry's order: bias tuning − VPT-deep
+    assert float(by_hand["base_diff"]) == pytest.approx(8 / 3, abs=1e-4)  # the CSV keeps 4 decimals
+    assert float(by_hand["base_low"]) == pytest.approx(8 / 3 - 5.1715, abs=1e-3)
     assert by_hand["base_inside_noise"] == "True" and float(by_hand["novel_diff"]) == 0
-    against_zero_shot = paired[("ZeroShot", "BiasTuning")]  # one zero-shot run pairs with every seed
-    assert float(against_zero_shot["base_diff"]) == pytest.approx(45 - 157 / 3, abs=1e-4)
+    against_zero_shot = paired[("BiasTuning", "ZeroShot")]  # one zero-shot run pairs with every seed
+    assert float(against_zero_shot["base_diff"]) == pytest.approx(157 / 3 - 45, abs=1e-4)
     markdown = (out / "report.md").read_text()
     assert "paired differences" in markdown and "≈" in markdown
 
