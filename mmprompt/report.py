@@ -43,7 +43,7 @@ from .data.registry import (
     BASE2NEW, CROSS_DATASET, DOMAIN_GENERALIZATION, dataset_key, protocol_datasets, specs, transfer_source,
 )
 from .methods import methods
-from .report_stats import Interval, bootstrap_accuracy, marked, paired_difference, t_interval
+from .report_stats import Interval, bootstrap_accuracy, bootstrap_hm, marked, paired_difference, t_interval
 from .results import RESULTS_FILE, harmonic_mean
 from .tables import markdown_grid, write_csv as write_records_csv, write_markdown
 
@@ -503,8 +503,11 @@ def cell_interval(runs: Sequence[RunResult], metric: str, level: float) -> Inter
     values = [run_metrics(run)[metric] for run in runs]
     if len(values) > 1:
         return t_interval(values, level)
-    count = image_counts(runs[0].path.parent).get(metric)
-    return bootstrap_accuracy(values[0], count, level) if count else None
+    counts = image_counts(runs[0].path.parent)
+    if metric == "test/hm" and counts:
+        base, new = runs[0].base_new
+        return bootstrap_hm(base, counts["test/base/acc"], new, counts["test/new/acc"], level)
+    return bootstrap_accuracy(values[0], counts[metric], level) if counts.get(metric) else None
 
 
 def per_seed(runs: Sequence[RunResult], metric: str) -> dict[int, float] | float:

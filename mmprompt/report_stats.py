@@ -126,6 +126,18 @@ def bootstrap_accuracy(accuracy: float, n_images: int, level: float = LEVEL, res
     return Interval(accuracy, float(low), float(high), n_images, "bootstrap over test images")
 
 
+def bootstrap_hm(base: float, n_base: int, new: float, n_new: int, level: float = LEVEL, resamples: int = 4000,
+                 seed: int = 0) -> Interval:
+    """Percentile bootstrap of one run's HM: the base and novel test images resampled independently."""
+    rng = np.random.default_rng(seed)
+    draws = [rng.binomial(n, round(acc / 100 * n) / n, resamples) * 100 / n for acc, n in ((base, n_base), (new, n_new))]
+    total = draws[0] + draws[1]
+    hms = np.divide(2 * draws[0] * draws[1], total, out=np.zeros_like(total), where=total > 0)
+    low, high = np.quantile(hms, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(2 * base * new / (base + new) if base + new else 0.0, float(low), float(high), n_base + n_new,
+                    "bootstrap over test images")
+
+
 def paired_difference(a: Mapping[int, float] | float, b: Mapping[int, float] | float,
                       level: float = LEVEL) -> Interval:
     """``a − b`` on the seeds both have, as a t-interval of the per-seed differences.

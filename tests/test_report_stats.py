@@ -12,7 +12,7 @@ import pytest
 
 from mmprompt import report
 from mmprompt.report_stats import (
-    bootstrap_accuracy, marked, paired_difference, t_interval, t_quantile, verdict, welch_difference,
+    bootstrap_accuracy, bootstrap_hm, marked, paired_difference, t_interval, t_quantile, verdict, welch_difference,
 )
 
 
@@ -137,6 +137,9 @@ def test_a_single_run_gets_a_bootstrap_over_its_test_images(tmp_path, monkeypatc
     assert record["interval"] == "bootstrap over test images"
     assert float(record["base_low"]) == pytest.approx(expected.low, abs=1e-4)
     assert float(record["base_high"]) == pytest.approx(expected.high, abs=1e-4)
+    hm_interval = bootstrap_hm(50.0, 180, 40.0, 180)
+    assert float(record["HM_mean"]) == pytest.approx(hm(50, 40), abs=1e-4) and hm_interval.low < hm(50, 40) < hm_interval.high
+    assert float(record["HM_low"]) == pytest.approx(hm_interval.low, abs=1e-4)
 
 
 def test_a_bad_level_is_refused_naming_the_option(tmp_path, capsys):
