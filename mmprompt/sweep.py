@@ -318,7 +318,8 @@ def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mmprompt sweep", usage="mmprompt sweep --protocol P --methods M [M ...] [options] [-- CLI overrides]",
+        prog="mmprompt sweep", usage="mmprompt sweep --protocol P --methods M [M ...] [options] [-- CLI overrides]\n"
+              "       mmprompt sweep --preset NAME [--sweeps L ...] [--datasets D ...] [--seeds S ...] [-- overrides]",
         description=__doc__.split("\n\n")[0])
     parser.add_argument("--protocol", required=True, help="configs/protocols/<protocol>.yaml (base2new, fewshot, "
                         "cross_dataset, domain_generalization or your own)")
