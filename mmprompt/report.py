@@ -574,8 +574,8 @@ def paired_row(a: Sequence[RunResult], b: Sequence[RunResult], metrics: Sequence
         values = {m: paired_difference(per_seed(a, m), per_seed(b, m), level) for m in metrics}
     except ValueError:
         return None
-    seeds = {run.seed for run in (a if len(a) >= len(b) else b)}
-    return ",".join(map(str, sorted(seeds))), values
+    sides = [set(side) for side in (per_seed(a, metrics[0]), per_seed(b, metrics[0])) if isinstance(side, dict)]
+    return ",".join(map(str, sorted(set.intersection(*sides)))), values
 
 
 def statistics_tables(runs: Sequence[RunResult], level: float = 0.95) -> list[Table]:

@@ -116,11 +116,15 @@ def test_report_writes_intervals_and_paired_differences(tmp_path):
     by_hand = paired[("BiasTuning", "VPTDeep")]  # A is later in the registry's order: bias tuning − VPT-deep
     assert float(by_hand["base_diff"]) == pytest.approx(8 / 3, abs=1e-4)  # the CSV keeps 4 decimals
     assert float(by_hand["base_low"]) == pytest.approx(8 / 3 - 5.1715, abs=1e-3)
-    assert by_hand["base_inside_noise"] == "True" and float(by_hand["novel_diff"]) == 0
+    assert by_hand["base_inside_noise"] == "True" and float(by_hand["novel_diff"]) == 0 and by_hand["seeds"] == "1,2,3"
     against_zero_shot = paired[("BiasTuning", "ZeroShot")]  # one zero-shot run pairs with every seed
     assert float(against_zero_shot["base_diff"]) == pytest.approx(157 / 3 - 45, abs=1e-4)
     markdown = (out / "report.md").read_text()
     assert "paired differences" in markdown and "≈" in markdown
+    write_run(runs, "budget1152", "ivlp_1152", "IVLP", "world_limited", 2, 50, 40)  # one seed in common with bias
+    assert report.main([str(runs), "--out", str(out), "--quiet"]) == 0
+    paired = {(r["a"], r["b"]): r for r in read_csv(out / "budget1152_paired.csv")}
+    assert paired[("BiasTuning", "IVLP")]["seeds"] == "2" and paired[("BiasTuning", "IVLP")]["base_low"] == ""
 
 
 def test_a_single_run_gets_a_bootstrap_over_its_test_images(tmp_path, monkeypatch):
