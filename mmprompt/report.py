@@ -533,7 +533,8 @@ def interval_table(protocol: str, runs: Sequence[RunResult], level: float) -> Ta
         record = {"method": method, "dataset": dataset, "seeds": seeds_text(cell), "interval": kind}
         for m, i in intervals.items():
             name = METRIC_NAMES[m]
-            record.update({f"{name}_mean": csv_number(i.mean if i else None), f"{name}_low": csv_number(i.low if i else None),
+            record.update({f"{name}_mean": csv_number(i.mean if i else None),
+                           f"{name}_low": csv_number(i.low if i else None),
                            f"{name}_high": csv_number(i.high if i else None)})
         table.records.append(record)
     table.notes.append(f"{percent} intervals: Student t over seeds; a single run: percentile bootstrap over its "
@@ -546,7 +547,8 @@ def paired_table(protocol: str, runs: Sequence[RunResult], level: float) -> Tabl
     the method later in the registry's order (bias tuning last, zero-shot first), so a row reads as a gain."""
     metrics = list(dict.fromkeys(m for run in runs for m in run_metrics(run)))
     table = Table(protocol, "paired", f"{protocol}: paired differences A − B, mean [{level:.0%} interval] "
-                  f"(points); ≈ inside the noise", ["dataset", "A", "B", "seeds", *(METRIC_NAMES[m] for m in metrics)])
+                  f"(points); ≈ inside the noise",
+                  ["dataset", "A", "B", "seeds", *(METRIC_NAMES[m] for m in metrics)])
     cells = group(runs, lambda r: (r.method, cell_dataset(r, runs)))
     for dataset in sorted({d for _, d in cells}, key=dataset_order):
         present = sorted((m for m, d in cells if d == dataset), key=method_order, reverse=True)

@@ -130,7 +130,8 @@ def bootstrap_hm(base: float, n_base: int, new: float, n_new: int, level: float 
                  seed: int = 0) -> Interval:
     """Percentile bootstrap of one run's HM: the base and novel test images resampled independently."""
     rng = np.random.default_rng(seed)
-    draws = [rng.binomial(n, round(acc / 100 * n) / n, resamples) * 100 / n for acc, n in ((base, n_base), (new, n_new))]
+    draws = [rng.binomial(n, round(acc / 100 * n) / n, resamples) * 100 / n
+             for acc, n in ((base, n_base), (new, n_new))]
     total = draws[0] + draws[1]
     hms = np.divide(2 * draws[0] * draws[1], total, out=np.zeros_like(total), where=total > 0)
     low, high = np.quantile(hms, [(1 - level) / 2, (1 + level) / 2])

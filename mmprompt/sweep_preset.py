@@ -63,7 +63,8 @@ def preset_path(name: str, configs: Path) -> Path:
     path = Path(name) if name.endswith((".yaml", ".yml")) else configs / "presets" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (configs / "presets").glob("*.yaml"))
-        raise PresetError(f"--preset {name}: no such preset file {path} (shipped presets: {', '.join(known) or 'none'})")
+        raise PresetError(f"--preset {name}: no such preset file {path} "
+                          f"(shipped presets: {', '.join(known) or 'none'})")
     return path
 
 
@@ -149,7 +150,8 @@ def main(argv: Sequence[str], runner: Runner | None = None) -> int:
     plans = [(config, plan_sweep(config)) for config in configs]
     missing = [path for config, runs in plans for path in missing_configs(config, runs)]
     if missing:
-        print("mmprompt sweep: missing config files:\n  " + "\n  ".join(map(str, dict.fromkeys(missing))), file=sys.stderr)
+        listed = "\n  ".join(map(str, dict.fromkeys(missing)))
+        print(f"mmprompt sweep: missing config files:\n  {listed}", file=sys.stderr)
         return 2
     if args.dry_run:
         print("\n".join(line for config, runs in plans for line in dry_run_lines(config, runs)))

@@ -92,7 +92,8 @@ FINE_SHAPES = ("circle", "hexagon", "ring")
 
 WORLD_TEXTURES = WorldDataset(
     "world-textures", "WorldTextures", 11,
-    tuple(WorldClass(word, backgrounds=(family,)) for family, word in sorted(TEXTURE_WORDS.items(), key=lambda kv: kv[1])), TEXTURE_STYLE,
+    tuple(WorldClass(word, backgrounds=(family,))
+          for family, word in sorted(TEXTURE_WORDS.items(), key=lambda kv: kv[1])), TEXTURE_STYLE,
     template="a photo of a {} background.")
 WORLD_FINE = WorldDataset(
     "world-fine", "WorldFine", 12,
