@@ -7,6 +7,7 @@ measured per dataset as a paired t-interval over seeds (`mmprompt.report_stats`)
 
 | claim | difference (HM of base and novel accuracy per seed, or fg_ratio) |
 |---|---|
+| few-shot learning fixes something | tuned − zero-shot, for each variant run on every dataset |
 | route 2 carries the gain | MaPLe's ``bias_only`` − ``attention_only`` (interventions.csv) |
 | β is input-independent | MaPLe's ``mean_bias`` − ``bias_only``: inside the noise = no loss measured |
 | route 1: prompts focus [cls] on the foreground | tuned − zero-shot fg_ratio, mean over a band of vision layers |
@@ -126,9 +127,13 @@ class Finding:
 
 
 def seeded(runs: Sequence[ClaimRun], dataset: str, family: str, value) -> dict[int, float]:
-    """Per-seed values of ``value(run)`` for the runs of ``family`` on ``dataset`` (None values dropped)."""
-    out = {r.seed: value(r) for r in runs if r.family == family and r.dataset == dataset}
-    return {seed: v for seed, v in out.items() if v is not None}
+    """Per-seed values of ``value(run)`` for one variant of ``family`` on ``dataset``: the variant with the
+    most runs where ``value`` is defined (e.g. the MaPLe budget whose runs wrote interventions.csv)."""
+    by_variant: dict[str, dict[int, float]] = defaultdict(dict)
+    for run in runs:
+        if run.family == family and run.dataset == dataset and (v := value(run)) is not None:
+            by_variant[run.variant][run.seed] = v
+    return max(by_variant.values(), key=len, default={})
 
 
 def route_findings(runs: Sequence[ClaimRun], datasets: Sequence[str], level: float = LEVEL) -> list[Finding]:
@@ -199,10 +204,21 @@ def margin_findings(runs: Sequence[ClaimRun], datasets: Sequence[str], level: fl
             for dataset in datasets if dataset != LIMITED and len(other := margins(dataset)) >= 2]
 
 
+def gain_findings(runs: Sequence[ClaimRun], datasets: Sequence[str], level: float = LEVEL) -> list[Finding]:
+    """Few-shot learning has something to fix: tuned − zero-shot HM, for the variants run on every dataset."""
+    with_zero_shot = [d for d in datasets if zero_shot_value(runs, d) is not None]
+    variants = sorted({r.variant for r in runs if r.variant != ZERO_SHOT
+                       and all(by_seed(runs, r.variant, d) for d in with_zero_shot)})
+    return [Finding(f"few-shot learning fixes something: {variant} − zero-shot (HM)", dataset,
+                    paired_difference(by_seed(runs, variant, dataset), zero_shot_value(runs, dataset), level))
+            for variant in variants for dataset in with_zero_shot if len(by_seed(runs, variant, dataset)) >= 2]
+
+
 def findings(runs: Sequence[ClaimRun], level: float = LEVEL) -> list[Finding]:
     """Every claim on every dataset that has the runs it needs (at least 2 seeds)."""
     datasets = sorted({r.dataset for r in runs})
-    return (route_findings(runs, datasets, level) + route1_findings(runs, datasets, level)
+    return (gain_findings(runs, datasets, level) + route_findings(runs, datasets, level)
+            + route1_findings(runs, datasets, level)
             + budget_findings(runs, datasets, level) + margin_findings(runs, datasets, level))
 
 

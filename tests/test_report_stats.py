@@ -177,11 +177,15 @@ def test_claims_table_and_figures_from_run_folders(tmp_path):
             write_run(runs, "budget38016", "maple_38016", "MaPLe", dataset, seed, 50, 50, {
                 "attention_stats.json": stats_json(3.5 + 0.1 * seed),
                 "interventions.csv": interventions_csv(50, 40, 41 + seed, 49 + seed, 49 + seed)})
+        # another MaPLe budget without interventions.csv must not hide the one with it
+        write_run(runs, "budget4224", "maple_4224", "MaPLe", "world_limited", seed, 45, 45)
     out = tmp_path / "out"
     assert report.main([str(runs), "--out", str(out), "--quiet", "--claims", "--figures"]) == 0
     claims = {(r["claim"].split(":")[0].split(" (")[0], r["dataset"]): r for r in read_csv(out / "claims.csv")}
     route2 = claims[("route 2 carries the gain", "world_limited")]
     assert (route2["verdict"], float(route2["difference"])) == ("holds", 8.0)  # bias_only − attention_only = 8 on every seed
+    gain = claims[("few-shot learning fixes something", "world_limited")]  # the last variant on both: vpt_deep_1152
+    assert float(gain["difference"]) == pytest.approx(10.0) and gain["verdict"] == "holds"  # 50 − 40 on every seed
     beta = claims[("β is input-independent", "world_shapes")]
     assert (beta["verdict"], float(beta["difference"])) == ("inside the noise", 0.0)
     route1 = {r["claim"]: r for r in read_csv(out / "claims.csv") if r["dataset"] == "world_limited"}
@@ -194,5 +198,6 @@ def test_claims_table_and_figures_from_run_folders(tmp_path):
     margin = next(r for r in read_csv(out / "claims.csv") if r["claim"].startswith("the margin"))
     assert margin["dataset"] == "world_shapes" and float(margin["difference"]) == pytest.approx(8.0)  # 8 − 0
     assert margin["verdict"] == "holds"
-    assert {p.name for p in out.glob("*.png")} == {"accuracy_per_dataset.png", "fg_ratio_per_layer.png"}
+    assert {p.name for p in out.glob("*.png")} == {"accuracy_per_dataset.png", "fg_ratio_per_layer.png",
+                                                   "accuracy_vs_budget.png"}  # world_limited: 3 budgets
     assert "| claim | world_limited | world_shapes |" in (out / "claims.md").read_text()
