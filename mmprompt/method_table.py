@@ -89,6 +89,25 @@ def method_row(info: MethodInfo, configs_dir: Path) -> MethodRow:
     return MethodRow(info, summary, adapter["class_path"], dict(adapter.get("init_args") or {}), training_of(model))
 
 
+def variant_rows(folder: Path) -> list[MethodRow]:
+    """A row per method config in ``folder`` (e.g. ``configs/budgets``), named by its file stem: variants
+    of registered methods whose parameter counts ``--count_parameters`` shows next to the defaults."""
+    paths = sorted(Path(folder).glob("*.yaml"))
+    if not paths:
+        raise FileNotFoundError(f"--variants {folder}: no *.yaml method configs there")
+    by_class = {info.label: info for info in methods()}
+    rows = []
+    for path in paths:
+        class_path = str(((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {})
+                         .get("adapter", {}).get("class_path", ""))
+        info = by_class.get(class_path.rsplit(".", 1)[-1])
+        if info is None:
+            raise ValueError(f"{path}: model.adapter.class_path {class_path!r} is not a registered method's class")
+        variant = MethodInfo(path.stem, info.label, info.class_path, str(path), info.order)
+        rows.append(method_row(variant, Path(".")))  # Path(".") / an absolute path is that path
+    return rows
+
+
 def method_rows(configs_dir: Path | None = None, infos: Sequence[MethodInfo] | None = None) -> list[MethodRow]:
     """Every registered method (or ``infos``), in table order, with its default config."""
     folder = shipped_configs_dir() if configs_dir is None else configs_dir
@@ -141,9 +160,10 @@ def markdown(rows: Sequence[MethodRow], counts: dict[str, int | str] | None = No
 def plain(rows: Sequence[MethodRow], counts: dict[str, int | str] | None = None) -> str:
     """The table for a terminal: name, class (and parameters), then what each method is."""
     lines = []
+    width = max([14, *(len(row.info.name) + 2 for row in rows)])
     for row in rows:
         count = f"{count_text(counts[row.info.name]):>11}  " if counts is not None else ""
-        lines.append(f"{row.info.name:<14}{row.info.label:<20}{count}{row.summary}")
+        lines.append(f"{row.info.name:<{width}}{row.info.label:<20}{count}{row.summary}")
     return "\n".join(lines) + "\n"
 
 
@@ -177,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--count_parameters", metavar="MODEL",
                         help="add each method's trainable parameters on MODEL (an open_clip or mmprompt "
                              "model name, random weights), e.g. ViT-B-16 or mmprompt-tiny")
+    parser.add_argument("--variants", metavar="FOLDER", type=Path,
+                        help="list the method configs in FOLDER instead (e.g. configs/budgets, the matched budgets)")
     parser.add_argument("--update_docs", metavar="FILE", type=Path,
                         help=f"rewrite the table between the markers in FILE (parameters on {DOCS_MODEL})")
     return parser
@@ -197,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: methods table {'updated' if updated != text else 'already up to date'} "
               f"({len(rows)} methods)")
         return 0
+    if args.variants is not None:
+        rows = variant_rows(args.variants)
     counts = count_parameters(rows, args.count_parameters) if args.count_parameters else None
     print(markdown(rows, counts, args.count_parameters or DOCS_MODEL) if args.markdown else plain(rows, counts), end="")
     return 0

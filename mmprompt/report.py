@@ -28,6 +28,7 @@ consumes them. Kept free of torch/Lightning imports so ``mmprompt report`` start
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -42,6 +43,7 @@ from .data.registry import (
     BASE2NEW, CROSS_DATASET, DOMAIN_GENERALIZATION, dataset_key, protocol_datasets, specs, transfer_source,
 )
 from .methods import methods
+from .report_stats import Interval, bootstrap_accuracy, bootstrap_hm, marked, paired_difference, t_interval
 from .results import RESULTS_FILE, harmonic_mean
 from .tables import markdown_grid, write_csv as write_records_csv, write_markdown
 
@@ -458,6 +460,140 @@ def build_tables(runs: Sequence[RunResult], ddof: int = 1) -> list[Table]:
     return tables
 
 
+# -- intervals and paired differences (mmprompt.report_stats) -----------------------------------------
+
+ZERO_SHOT_LABEL = "ZeroShot"  # nothing in zero-shot CLIP depends on the seed: one run pairs with every seed
+METRIC_NAMES = {"test/base/acc": "base", "test/new/acc": "novel", "test/hm": "HM", "test/all/acc": "accuracy"}
+
+
+def run_metrics(run: RunResult) -> dict[str, float]:
+    """The metrics the interval tables show: base, novel and the per-seed HM, or the all-class accuracy."""
+    if run.base_new is not None:
+        base, new = run.base_new
+        return {"test/base/acc": base, "test/new/acc": new, "test/hm": harmonic_mean(base, new)}
+    return {"test/all/acc": run.metrics["test/all/acc"]}
+
+
+def image_counts(run_dir: Path) -> dict[str, int]:
+    """How many test images each accuracy of a run counted, from its config.yaml and the dataset's split
+    file (base = the first ⌈n/2⌉ labels); empty when either can't be read (then no bootstrap)."""
+    import yaml  # the report reads YAML only here
+
+    from .data.registry import get_spec
+
+    try:
+        data = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}
+        spec = get_spec(str(data["dataset"]))
+        split = json.loads((spec.dataset_dir(data.get("root", "data")) / spec.split_file).read_text())
+    except (OSError, KeyError, ValueError, TypeError):
+        return {}
+    labels = [int(item[1]) for items in split.values() for item in items]
+    cut = math.ceil((max(labels) + 1) / 2)
+    test = [int(item[1]) for item in split.get("test", [])]
+    return {"test/base/acc": sum(label < cut for label in test), "test/new/acc": sum(label >= cut for label in test),
+            "test/all/acc": len(test)}
+
+
+def cell_dataset(run: RunResult, runs: Sequence[RunResult]) -> str:
+    """The dataset, with ``K=<shots>`` when the protocol's runs have several shot counts (few-shot)."""
+    return run.dataset if len({r.shots for r in runs}) == 1 else f"{run.dataset}, K={run.shots}"
+
+
+def cell_interval(runs: Sequence[RunResult], metric: str, level: float) -> Interval | None:
+    """A t-interval over seeds, or for a single run a bootstrap over its test images (None: no image count)."""
+    values = [run_metrics(run)[metric] for run in runs]
+    if len(values) > 1:
+        return t_interval(values, level)
+    counts = image_counts(runs[0].path.parent)
+    if metric == "test/hm" and counts:
+        base, new = runs[0].base_new
+        return bootstrap_hm(base, counts["test/base/acc"], new, counts["test/new/acc"], level)
+    return bootstrap_accuracy(values[0], counts[metric], level) if counts.get(metric) else None
+
+
+def per_seed(runs: Sequence[RunResult], metric: str) -> dict[int, float] | float:
+    """A cell's values by seed; zero-shot's single run as a plain number (the same for every seed)."""
+    if len(runs) == 1 and normalise_name(runs[0].method) == normalise_name(ZERO_SHOT_LABEL):
+        return run_metrics(runs[0])[metric]
+    return {run.seed: run_metrics(run)[metric] for run in runs}
+
+
+def interval_table(protocol: str, runs: Sequence[RunResult], level: float) -> Table:
+    """Mean and {level} interval of every metric in every method × dataset cell."""
+    metrics = list(dict.fromkeys(m for run in runs for m in run_metrics(run)))
+    percent = f"{level:.0%}"
+    table = Table(protocol, "intervals", f"{protocol}: mean [{percent} interval] (%)",
+                  ["method", "dataset", "seeds", *(METRIC_NAMES[m] for m in metrics), "interval"])
+    cells = group(runs, lambda r: (r.method, cell_dataset(r, runs)))
+    for method, dataset in sorted(cells, key=lambda k: (dataset_order(k[1]), method_order(k[0]))):
+        cell = cells[(method, dataset)]
+        intervals = {m: cell_interval(cell, m, level) for m in metrics}
+        kind = next((i.kind for i in intervals.values() if i is not None and i.defined), "none")
+        table.rows.append([method, dataset, seeds_text(cell),
+                           *(i.text(2) if i is not None else "–" for i in intervals.values()), kind])
+        record = {"method": method, "dataset": dataset, "seeds": seeds_text(cell), "interval": kind}
+        for m, i in intervals.items():
+            name = METRIC_NAMES[m]
+            record.update({f"{name}_mean": csv_number(i.mean if i else None),
+                           f"{name}_low": csv_number(i.low if i else None),
+                           f"{name}_high": csv_number(i.high if i else None)})
+        table.records.append(record)
+    table.notes.append(f"{percent} intervals: Student t over seeds; a single run: percentile bootstrap over its "
+                       "test images (4,000 resamples).")
+    return table
+
+
+def paired_table(protocol: str, runs: Sequence[RunResult], level: float) -> Table:
+    """Every two methods on each dataset, A − B on the seeds both ran (zero-shot pairs with every seed); A is
+    the method later in the registry's order (bias tuning last, zero-shot first), so a row reads as a gain."""
+    metrics = list(dict.fromkeys(m for run in runs for m in run_metrics(run)))
+    table = Table(protocol, "paired", f"{protocol}: paired differences A − B, mean [{level:.0%} interval] "
+                  f"(points); ≈ inside the noise",
+                  ["dataset", "A", "B", "seeds", *(METRIC_NAMES[m] for m in metrics)])
+    cells = group(runs, lambda r: (r.method, cell_dataset(r, runs)))
+    for dataset in sorted({d for _, d in cells}, key=dataset_order):
+        present = sorted((m for m, d in cells if d == dataset), key=method_order, reverse=True)
+        for a, b in itertools.combinations(present, 2):  # later in the registry − earlier: a gain over zero-shot
+            differences = paired_row(cells[(a, dataset)], cells[(b, dataset)], metrics, level)
+            if differences is None:
+                continue
+            seeds, values = differences
+            table.rows.append([dataset, a, b, seeds, *(marked(d, 2) for d in values.values())])
+            record = {"dataset": dataset, "a": a, "b": b, "seeds": seeds}
+            for m, d in values.items():
+                name = METRIC_NAMES[m]
+                record.update({f"{name}_diff": csv_number(d.mean), f"{name}_low": csv_number(d.low),
+                               f"{name}_high": csv_number(d.high), f"{name}_inside_noise": str(d.inside_noise)})
+            table.records.append(record)
+    table.notes.append("Paired: the per-seed differences (same seeds = same few-shot draws) and their Student t "
+                       "interval; ≈ marks an interval that contains 0.")
+    return table
+
+
+def paired_row(a: Sequence[RunResult], b: Sequence[RunResult], metrics: Sequence[str],
+               level: float) -> tuple[str, dict[str, Interval]] | None:
+    """The differences of two cells, or None when they share no seed (and neither is zero-shot)."""
+    try:
+        values = {m: paired_difference(per_seed(a, m), per_seed(b, m), level) for m in metrics}
+    except ValueError:
+        return None
+    sides = [set(side) for side in (per_seed(a, metrics[0]), per_seed(b, metrics[0])) if isinstance(side, dict)]
+    return ",".join(map(str, sorted(set.intersection(*sides)))), values
+
+
+def statistics_tables(runs: Sequence[RunResult], level: float = 0.95) -> list[Table]:
+    """The interval table and the paired-difference table of each protocol label and backbone."""
+    tables = []
+    kinds = group(runs, lambda r: (r.protocol, r.backbone, r.base_new is None))
+    for (protocol, backbone, _), protocol_runs in sorted(kinds.items()):
+        for build in (interval_table, paired_table):
+            table = build(protocol, protocol_runs, level)
+            if table.rows:
+                table.backbone, table.title = backbone, f"{table.title}, backbone {backbone}"
+                tables.append(table)
+    return tables
+
+
 # -- output --------------------------------------------------------------------------------------------
 
 def table_markdown(table: Table) -> str:
@@ -509,6 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="std over seeds: sample (ddof=1, default) or population (ddof=0)")
     parser.add_argument("--skip_invalid", "--skip-invalid", action="store_true",
                         help="report the valid runs and list invalid results.json files as warnings")
+    parser.add_argument("--level", type=float, default=0.95,
+                        help="confidence level of the intervals and paired differences (default 0.95)")
+    parser.add_argument("--figures", action="store_true",
+                        help="also write PNG figures (accuracy per dataset, fg_ratio per layer, accuracy vs budget)")
+    parser.add_argument("--claims", action="store_true",
+                        help="also write the claims table (claims.md/.csv; runs of configs/presets/claims.yaml)")
     parser.add_argument("--quiet", action="store_true", help="do not print the Markdown")
     return parser
 
@@ -523,7 +665,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for problem in problems:
         print(f"mmprompt report: warning: skipped {problem}", file=sys.stderr)
-    tables = build_tables(runs, ddof=1 if args.std == "sample" else 0)
+    if not 0.5 <= args.level < 1:
+        print(f"mmprompt report: --level {args.level}: expected a confidence level in [0.5, 1), e.g. 0.95",
+              file=sys.stderr)
+        return 2
+    tables = build_tables(runs, ddof=1 if args.std == "sample" else 0) + statistics_tables(runs, args.level)
     markdown = render_markdown(tables, problems, args.std)
     if not args.quiet:
         print(markdown)
@@ -531,7 +677,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (first.parent if first.is_file() else first) / "report"
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out_dir {out} is a file; expected a folder for the report's tables")
-    for path in write_report(tables, markdown, out, args.format):
+    written = write_report(tables, markdown, out, args.format)
+    if args.claims or args.figures:
+        from . import report_claims  # the claims of docs/analysis.md §6: interventions, fg_ratio, budgets
+
+        written += report_claims.write(runs, out, level=args.level, claims=args.claims, figures=args.figures)
+    for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -17,6 +17,7 @@ then ``mmprompt test`` that run's ``checkpoints/last.ckpt`` on each target. Zero
 ``mmprompt test`` runs without a checkpoint, planned for the first seed only (nothing in them depends
 on the seed). Everything after ``--`` is appended to every command, so it overrides the configs.
 
+``--preset claims`` runs the series of sweeps in ``configs/presets/claims.yaml`` (`mmprompt.sweep_preset`).
 ``--dry-run`` prints the plan, ``--print-commands`` prints only the commands still to run (one per
 line, for a cluster scheduler), otherwise the commands run one after another, or with ``--devices 0 1
 2 3`` in parallel, one per GPU (``CUDA_VISIBLE_DEVICES``), or with ``--launcher slurm`` as one SLURM job
@@ -115,10 +116,15 @@ class PlannedRun:
         return self.subcommand == "fit" and not self.finished and (self.run_dir / LAST_CKPT).is_file()
 
 
+def is_config_path(method: str) -> bool:
+    """``budgets/bias_1152`` names ``<configs>/budgets/bias_1152.yaml`` (a variant), ``bias`` a registered method."""
+    return "/" in method
+
+
 def method_label(method: str) -> str:
     """Adapter class name used in run names (``maple`` -> ``MaPLe``), as the CLI's default name; a
-    method the registry doesn't know keeps its config stem."""
-    return label_of(method)
+    method the registry doesn't know, or a variant's config path, keeps its config stem."""
+    return Path(method).name if is_config_path(method) else label_of(method)
 
 
 def make_run(config: SweepConfig, method: str, dataset: str, seed: int, shots: int,
@@ -152,8 +158,9 @@ def plan_sweep(config: SweepConfig) -> list[PlannedRun]:
 
 
 def config_files(config: SweepConfig, run: PlannedRun) -> list[Path]:
+    method = run.method if is_config_path(run.method) else f"methods/{run.method}"
     return [config.configs / "protocols" / f"{config.protocol}.yaml",
-            config.configs / "methods" / f"{run.method}.yaml",
+            config.configs / f"{method}.yaml",
             config.configs / "datasets" / f"{run.dataset}.yaml"]
 
 
@@ -312,12 +319,14 @@ def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mmprompt sweep", usage="mmprompt sweep --protocol P --methods M [M ...] [options] [-- CLI overrides]",
+        prog="mmprompt sweep", usage="mmprompt sweep --protocol P --methods M [M ...] [options] [-- CLI overrides]\n"
+              "       mmprompt sweep --preset NAME [--sweeps L ...] [--datasets D ...] [--seeds S ...] [-- overrides]",
         description=__doc__.split("\n\n")[0])
     parser.add_argument("--protocol", required=True, help="configs/protocols/<protocol>.yaml (base2new, fewshot, "
                         "cross_dataset, domain_generalization or your own)")
     parser.add_argument("--methods", nargs="+", required=True,
-                        help=f"configs/methods/<method>.yaml stems: {', '.join(method_names())} or your own")
+                        help=f"configs/methods/<method>.yaml stems: {', '.join(method_names())} or your own; "
+                        "a path such as budgets/bias_1152 names configs/budgets/bias_1152.yaml")
     parser.add_argument("--datasets", nargs="+", help="dataset config stems (targets for transfer protocols); "
                         "default: the protocol's standard list")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
@@ -369,7 +378,12 @@ def run_sweep(config: SweepConfig, runs: Sequence[PlannedRun], args: argparse.Na
 
 def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
     """``mmprompt sweep``: 0 when every run finished, 1 on failed/blocked runs, 2 on bad inputs, 130 on Ctrl-C."""
-    config, args = parse_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg == "--preset" or arg.startswith("--preset=") for arg in split_extra(argv)[0]):
+        from . import sweep_preset  # several sweeps and their report (configs/presets/*.yaml)
+
+        return sweep_preset.main(argv, runner)
+    config, args = parse_config(argv)
     runs = plan_sweep(config)
     missing = missing_configs(config, runs)
     if missing:

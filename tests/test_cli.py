@@ -110,7 +110,8 @@ def test_every_analysis_config_runs_inside_mmprompt_test(analysis, data_root, tm
 def test_every_shipped_config_is_loaded_by_a_test():
     """A config no test loads can rot unseen: each one runs above, or in tests/test_pretrain.py."""
     pretrain = {CONFIGS / "pretrain" / "world.yaml", CONFIGS / "pretrain" / "world_quick.yaml"}  # RECIPE, QUICK
-    loaded = {*METHODS, *DATASETS, *PROTOCOLS, *ANALYSES, CONFIGS / "demo.yaml", CONFIGS / "tiny.yaml", *pretrain}
+    claims = {*(CONFIGS / "budgets").glob("*.yaml"), CONFIGS / "presets" / "claims.yaml"}  # tests/test_claims_preset.py
+    loaded = {*METHODS, *DATASETS, *PROTOCOLS, *ANALYSES, CONFIGS / "demo.yaml", CONFIGS / "tiny.yaml", *pretrain, *claims}
     assert sorted(set(CONFIGS.rglob("*.yaml")) - loaded) == []
 
 

@@ -60,6 +60,7 @@ CONTRACTS: tuple[Contract, ...] = (
 #: modules that must import no HEAVY package at import time: the instant tools and what they read
 TORCH_FREE: tuple[str, ...] = (
     "mmprompt.commands", "mmprompt.report", "mmprompt.sweep", "mmprompt.methods", "mmprompt.method_table",
+    "mmprompt.report_stats", "mmprompt.report_claims", "mmprompt.report_figures", "mmprompt.sweep_preset",
     "mmprompt.tables",
     "mmprompt.results", "mmprompt.classes", "mmprompt.data.registry", "mmprompt.data.protocol",
 )

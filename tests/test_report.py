@@ -140,7 +140,8 @@ def test_methods_are_ordered_by_the_registry(tmp_path):
     for method in ("NewMethod", "CoupledBiasTuning", "MaPLe", "ZeroShot", "CoOp"):
         write_result(tmp_path / "runs", "base2new", method, "dtd", 1, base_new(80, 60))
     markdown = (run_report(tmp_path) / "report.md").read_text()
-    rows = [line.split(" | ")[0][2:] for line in markdown.splitlines() if line.startswith("| ") and "| dtd |" in line]
+    first_table = markdown.split("\n## ")[1]  # the interval and paired tables follow in the same order
+    rows = [line.split(" | ")[0][2:] for line in first_table.splitlines() if line.startswith("| ") and "| dtd |" in line]
     assert rows == ["ZeroShot", "CoOp", "MaPLe", "CoupledBiasTuning", "NewMethod"]
 
 
@@ -176,7 +177,7 @@ def test_markdown_printed_and_format_option(tmp_path, capsys):
     out = tmp_path / "only_csv"
     assert report.main([str(tmp_path / "runs"), "--out", str(out), "--format", "csv"]) == 0
     assert "| MaPLe | dtd |" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["base2new_base2new.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["base2new_base2new.csv", "base2new_intervals.csv"]
 
 
 def test_default_out_is_report_folder_inside_first_folder(tmp_path):

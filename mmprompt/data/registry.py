@@ -158,12 +158,13 @@ def mask_reader(name: str) -> Deferred:
 
 def _synthetic_specs() -> list[DatasetSpec]:
     from .synthetic import SYNTHETIC_VARIANTS, generate_synthetic
-    from .world import WORLD_SHAPES
+    from .world_suite import WORLD_SUITE
 
     return [
-        zhou(v.folder, v.folder, "images", split_name=v.split_name, masks=_synthetic_masks,
-             extra_layout="  masks/<class>/<image>.png\n", generate=partial(generate_synthetic, variant=v))
-        for v in (*SYNTHETIC_VARIANTS, WORLD_SHAPES)
+        zhou(v.folder, v.folder, "images", getattr(v, "template", DEFAULT_TEMPLATE), split_name=v.split_name,
+             masks=_synthetic_masks, extra_layout="  masks/<class>/<image>.png\n",
+             generate=partial(generate_synthetic, variant=v))
+        for v in (*SYNTHETIC_VARIANTS, *WORLD_SUITE)
     ]
 
 

@@ -150,6 +150,9 @@ class WorldStyle:
     colour_cast: tuple[float, float, float] = (1.0, 1.0, 1.0)
     hatched: bool = False  # objects filled with stripes of their colour and a darker shade
     outline: float = 0.0  # > 0: only a band of this fraction of the radius is drawn (mask = the band)
+    scale: float = 1.0  # the named object's radius is SIZES × scale (small objects in clutter: < 1)
+    distractors: tuple[int, int] = (0, 4)  # how many small unnamed shapes: integers in [low, high)
+    colour_jitter: float = 0.0  # std of a per-image shift of the object's RGB (near-neighbour colours overlap)
 
 
 PRETRAIN_STYLE = WorldStyle(tuple(PRETRAIN_BACKGROUNDS))
@@ -172,10 +175,12 @@ def render_scene(rng: np.random.Generator, size: int, style: WorldStyle = PRETRA
     size_word = list(SIZES)[int(rng.integers(len(SIZES)))]
     kind = style.backgrounds[int(rng.integers(len(style.backgrounds)))]
     rgb = np.asarray(COLOURS[colour], dtype=np.float32)
+    if style.colour_jitter:  # drawn only when asked, so the other styles' streams stay as they were
+        rgb = np.clip(rgb + rng.normal(0, style.colour_jitter, 3), 0, 255).astype(np.float32)
     pixels = paint_background(kind, rng, size, luminance(rgb))
-    r = rng.uniform(*SIZES[size_word]) * size
+    r = rng.uniform(*SIZES[size_word]) * size * style.scale
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-    distractors = int(rng.integers(0, 4))
+    distractors = int(rng.integers(*style.distractors))
     for _ in range(distractors):  # small unnamed shapes, drawn first so the named object covers them
         dr = rng.uniform(0.06, 0.1) * size
         other = list(COLOURS.values())[int(rng.integers(len(COLOURS)))]
