@@ -15,10 +15,10 @@ import yaml
 from PIL import Image
 
 from mmprompt.data import get_spec
-from mmprompt.data.synthetic import generate_synthetic
-from mmprompt.data.world import WORLD_SHAPES, luminance, shape_mask
+from mmprompt.data.synthetic import RENDERING_FILE, generate_synthetic
+from mmprompt.data.world import COLOURS, SIZES, WORLD_SHAPES, luminance, shape_mask
 from mmprompt.data.world_suite import (
-    LIMITED_CODES, TEXTURE_WORDS, WORLD_CLUTTER, WORLD_FINE, WORLD_LIMITED, WORLD_SKETCH, WORLD_SUITE,
+    LIMITED_GROUPS, TEXTURE_COLOURS, WORLD_CLUTTER, WORLD_FINE, WORLD_LIMITED, WORLD_SKETCH, WORLD_SUITE,
     WORLD_TEXTURES, WorldDataset,
 )
 
@@ -90,18 +90,46 @@ def test_the_mask_is_the_named_object_at_its_drawn_coverage():
     assert circle.sum() == pytest.approx(math.pi * 10.5**2, rel=0.05)  # PIL boxes are inclusive: r + 0.5
 
 
+def background_colour(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The background's colour: the median of the pixels outside the named object."""
+    return np.median(image[~mask].astype(float), axis=0)
+
+
 def test_each_dataset_has_the_property_it_stands_for():
-    assert set(WORLD_TEXTURES.classnames) == set(TEXTURE_WORDS.values())  # the background family is the class
-    assert {c.backgrounds for c in WORLD_TEXTURES.classes} == {(f,) for f in TEXTURE_WORDS}
-    # limited category information: two classes per shape, told apart only by a code word for the background
-    assert len({name.split()[0] for name in WORLD_LIMITED.classnames}) == len(WORLD_LIMITED.classnames) // 2
-    assert {name.split()[1] for name in WORLD_LIMITED.classnames} == set(LIMITED_CODES)
+    # textures: the class is the background's colour; the object on it never has that colour
+    assert WORLD_TEXTURES.classnames == TEXTURE_COLOURS
+    for label, name in enumerate(TEXTURE_COLOURS):
+        image, mask = WORLD_TEXTURES.render_arrays(label, 0)
+        assert name not in WORLD_TEXTURES.classes[label].colours
+        assert np.corrcoef(background_colour(image, mask), COLOURS[name])[0, 1] > 0.8, name
+    # limited category information: two classes per shape whose names say one colour of the four they cover
+    groups = [set(colours) for colours in LIMITED_GROUPS.values()]
+    assert len(groups) == 2 and not groups[0] & groups[1]
+    for cls in WORLD_LIMITED.classes:
+        word = cls.name.split(" in ")[1]
+        assert word in cls.colours and len(cls.colours) == 4 and set(cls.colours) == set(LIMITED_GROUPS[word])
+    assert {c.shape for c in WORLD_LIMITED.classes[:6]} == {"circle", "cross", "heart"}  # base: both groups
     # fine-grained: every class has a near neighbour in colour and in shape
     assert len(WORLD_FINE.classnames) == 12 and WORLD_FINE.style.colour_jitter > 0
-    # small objects in clutter: the object is a few 8-px patches, with distractors around it
+    # small objects in clutter: the object is about 7 of the 64 8-px patches, with distractors around it
     coverage = np.mean([WORLD_CLUTTER.render_arrays(c, i)[1].mean() for c in range(12) for i in range(3)])
     shapes = np.mean([WORLD_SHAPES.render(c, i)[1].getextrema()[1] > 0 for c in range(12) for i in range(3)])
-    assert coverage < 0.08 and shapes == 1.0 and WORLD_CLUTTER.style.distractors[0] >= 2
+    assert coverage < 0.12 and shapes == 1.0 and WORLD_CLUTTER.style.distractors[0] >= 2
+    assert {c.sizes for c in WORLD_CLUTTER.classes} == {("small",)} and "small" in SIZES
     # drawing style: dark thin outlines on light paper
     image, mask = WORLD_SKETCH.render_arrays(0, 0)
     assert luminance(image[mask].mean(axis=0)) < luminance(image[~mask].mean(axis=0))
+
+
+def test_a_tree_written_by_another_definition_is_refused_naming_its_folder(tmp_path):
+    """A dataset's definition can change between versions (world-limited and world-textures did); reading an
+    old tree under the same folder name would test on images the definition no longer draws."""
+    small = replace(WORLD_LIMITED, sizes=(1, 1, 1))
+    folder = generate_synthetic(tmp_path, small)
+    assert generate_synthetic(tmp_path, small) == folder  # the same definition reuses the tree
+    changed = replace(small, classes=small.classes[::-1])
+    with pytest.raises(ValueError, match=r"world-limited.*another definition.*remove the folder"):
+        generate_synthetic(tmp_path, changed)
+    (folder / RENDERING_FILE).unlink()  # a tree written before stamps existed
+    with pytest.raises(ValueError, match="written before trees were stamped"):
+        generate_synthetic(tmp_path, small)

@@ -14,6 +14,7 @@ half a tree.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -203,7 +204,30 @@ def write_tree(target: Path, variant: GeneratedDataset) -> None:
                 mask.save(target / "masks" / rel, compress_level=1)
                 split[split_name].append([rel, label, name])
                 index += 1
+    (target / RENDERING_FILE).write_text(rendering_fingerprint(variant) + "\n")
     write_json_atomic(target / variant.split_file, split)
+
+
+#: beside the split file of a generated tree: which rendering wrote it (a changed dataset definition must
+#: not be read from a tree an earlier definition left under the same folder name)
+RENDERING_FILE = "rendering.txt"
+
+
+def rendering_fingerprint(variant: GeneratedDataset) -> str:
+    """A digest of everything that decides the images: the variant's full definition (classes, style, seed,
+    sizes; the generated datasets are frozen dataclasses, so their repr is exact)."""
+    return hashlib.sha256(repr(variant).encode()).hexdigest()[:16]
+
+
+def check_rendering(target: Path, variant: GeneratedDataset) -> None:
+    """Refuse a complete tree that an earlier definition of ``variant`` wrote, naming the folder."""
+    stamp = target / RENDERING_FILE
+    found = stamp.read_text().strip() if stamp.is_file() else "none (written before trees were stamped)"
+    if found != rendering_fingerprint(variant):
+        raise ValueError(
+            f"generated data at {target} was written by another definition of {variant.folder!r} "
+            f"({RENDERING_FILE}: {found}, expected {rendering_fingerprint(variant)}): remove the folder and "
+            "it is generated again on first use")
 
 
 def generate_synthetic(root: str | Path, variant: GeneratedDataset = SYNTHETIC_VARIANTS[0]) -> Path:
@@ -211,6 +235,7 @@ def generate_synthetic(root: str | Path, variant: GeneratedDataset = SYNTHETIC_V
     root = Path(root)
     target = root / variant.folder
     if (target / variant.split_file).is_file():
+        check_rendering(target, variant)
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(root, prefix=f".{variant.folder}-")
@@ -224,6 +249,7 @@ def generate_synthetic(root: str | Path, variant: GeneratedDataset = SYNTHETIC_V
                     f"cannot create synthetic data at {target}: the folder exists without "
                     f"{variant.split_file}; remove it to regenerate"
                 ) from None
+            check_rendering(target, variant)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

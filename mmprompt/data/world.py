@@ -166,18 +166,23 @@ def tilted(shape: str, rng: np.random.Generator) -> float:
 
 
 def render_scene(rng: np.random.Generator, size: int, style: WorldStyle = PRETRAIN_STYLE,
-                 shape: str | None = None, colours: tuple[str, ...] = tuple(COLOURS)
+                 shape: str | None = None, colours: tuple[str, ...] = tuple(COLOURS),
+                 sizes: tuple[str, ...] = tuple(SIZES), backdrop: str | None = None
                  ) -> tuple[np.ndarray, np.ndarray, Scene]:
-    """One image (size, size, 3) uint8, its foreground mask (size, size) bool, and what it shows
-    (the named object's colour drawn from ``colours``)."""
+    """One image (size, size, 3) uint8, its foreground mask (size, size) bool, and what it shows (the named
+    object's colour drawn from ``colours``, its size word from ``sizes``; ``backdrop``: a colour name whose
+    shades paint the background's pattern). The defaults draw exactly the pretraining stream."""
     shape = shape or SHAPES[int(rng.integers(len(SHAPES)))]
     colour = colours[int(rng.integers(len(colours)))]
-    size_word = list(SIZES)[int(rng.integers(len(SIZES)))]
+    size_word = sizes[int(rng.integers(len(sizes)))]
     kind = style.backgrounds[int(rng.integers(len(style.backgrounds)))]
     rgb = np.asarray(COLOURS[colour], dtype=np.float32)
     if style.colour_jitter:  # drawn only when asked, so the other styles' streams stay as they were
         rgb = np.clip(rgb + rng.normal(0, style.colour_jitter, 3), 0, 255).astype(np.float32)
     pixels = paint_background(kind, rng, size, luminance(rgb))
+    if backdrop:  # the pattern kept as light and dark shades of one named colour (world-textures' class)
+        shade = pixels.mean(axis=-1, keepdims=True) / 255.0
+        pixels = np.asarray(COLOURS[backdrop], dtype=np.float32) * (0.55 + 0.45 * shade)
     r = rng.uniform(*SIZES[size_word]) * size * style.scale
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     distractors = int(rng.integers(*style.distractors))
