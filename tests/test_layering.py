@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "mmprompt"
 
 #: the model side: the seam, the backbone, the adapters and the LightningModule
-MODEL_SIDE = ("mmprompt.encoders", "mmprompt.attention", "mmprompt.backbone", "mmprompt.adapters", "mmprompt.module")
+MODEL_SIDE = ("mmprompt.model.encoders", "mmprompt.model.attention", "mmprompt.model.backbone", "mmprompt.adapters", "mmprompt.model.module")
 #: third-party packages that take seconds to import
 HEAVY = ("torch", "torchvision", "torchmetrics", "lightning", "pytorch_lightning", "open_clip")
 
@@ -42,25 +42,25 @@ class Contract:
 
 CONTRACTS: tuple[Contract, ...] = (
     Contract("the seam knows no adapter, data, Lightning or analysis module",
-             ("mmprompt.encoders", "mmprompt.attention"),
-             ("mmprompt.adapters", "mmprompt.data", "mmprompt.module", "mmprompt.pretrain", "mmprompt.cli",
+             ("mmprompt.model.encoders", "mmprompt.model.attention"),
+             ("mmprompt.adapters", "mmprompt.data", "mmprompt.model.module", "mmprompt.model.pretrain", "mmprompt.run.cli",
               "mmprompt.analysis", "lightning", "pytorch_lightning")),
     Contract("adapters know neither the data package nor the command line",
-             ("mmprompt.adapters",), ("mmprompt.data", "mmprompt.cli", "mmprompt.commands")),
+             ("mmprompt.adapters",), ("mmprompt.data", "mmprompt.run.cli", "mmprompt.run.commands")),
     Contract("the data package knows nothing of the model side", ("mmprompt.data",), MODEL_SIDE),
-    Contract("the model side never imports the report tools", MODEL_SIDE, ("mmprompt.report", "mmprompt.sweep")),
-    Contract("nothing imports the CLI but the entry point", ("mmprompt",), ("mmprompt.cli",),
-             exempt=("mmprompt.cli", "mmprompt.commands", "mmprompt.__main__")),
+    Contract("the model side never imports the report tools", MODEL_SIDE, ("mmprompt.tools.report", "mmprompt.tools.sweep")),
+    Contract("nothing imports the CLI but the entry point", ("mmprompt",), ("mmprompt.run.cli",),
+             exempt=("mmprompt.run.cli", "mmprompt.run.commands", "mmprompt.__main__")),
     Contract("the neutral contracts import no layer of the package",
              ("mmprompt.classes", "mmprompt.results", "mmprompt.tables", "mmprompt.methods", "mmprompt.files"),
-             ("mmprompt.encoders", "mmprompt.attention", "mmprompt.backbone", "mmprompt.adapters", "mmprompt.module",
-              "mmprompt.data", "mmprompt.analysis", "mmprompt.cli", "mmprompt.report", "mmprompt.sweep")),
+             ("mmprompt.model.encoders", "mmprompt.model.attention", "mmprompt.model.backbone", "mmprompt.adapters", "mmprompt.model.module",
+              "mmprompt.data", "mmprompt.analysis", "mmprompt.run.cli", "mmprompt.tools.report", "mmprompt.tools.sweep")),
 )
 
 #: modules that must import no HEAVY package at import time: the instant tools and what they read
 TORCH_FREE: tuple[str, ...] = (
-    "mmprompt.commands", "mmprompt.report", "mmprompt.sweep", "mmprompt.methods", "mmprompt.method_table",
-    "mmprompt.report_stats", "mmprompt.report_claims", "mmprompt.report_figures", "mmprompt.sweep_preset",
+    "mmprompt.run.commands", "mmprompt.tools.report", "mmprompt.tools.sweep", "mmprompt.methods", "mmprompt.tools.methods_table",
+    "mmprompt.tools.report_stats", "mmprompt.tools.report_claims", "mmprompt.tools.report_figures", "mmprompt.tools.sweep_preset",
     "mmprompt.tables",
     "mmprompt.results", "mmprompt.classes", "mmprompt.data.registry", "mmprompt.data.protocol",
 )
@@ -246,14 +246,17 @@ def bad_package(tmp_path) -> Path:
         "mmprompt/classes.py": "",
         "mmprompt/data/__init__.py": "",
         "mmprompt/data/datamodule.py": "import lightning\n",
-        "mmprompt/data/registry.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..module import M\n",
-        "mmprompt/module.py": "from .report import harmonic_mean\n",
-        "mmprompt/report.py": "from .tables import write_csv\n",
+        "mmprompt/data/registry.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..model.module import M\n",
+        "mmprompt/model/__init__.py": "",
+        "mmprompt/model/module.py": "from ..tools.report import harmonic_mean\n",
+        "mmprompt/tools/__init__.py": "",
+        "mmprompt/tools/report.py": "from ..tables import write_csv\n",
         "mmprompt/tables.py": "import csv\n\ndef plot():\n    import torch\n",
-        "mmprompt/sweep.py": "from . import report\nfrom .data import datamodule\n",
-        "mmprompt/cli.py": "",
-        "mmprompt/commands.py": "def main():\n    from .cli import main\n",
-        "mmprompt/export.py": "from .cli import main\n",
+        "mmprompt/tools/sweep.py": "from . import report\nfrom ..data import datamodule\n",
+        "mmprompt/run/__init__.py": "",
+        "mmprompt/run/cli.py": "",
+        "mmprompt/run/commands.py": "def main():\n    from .cli import main\n",
+        "mmprompt/tools/export.py": "from ..run.cli import main\n",
     })
 
 
@@ -266,19 +269,19 @@ def test_a_deliberately_bad_package_is_caught_with_file_and_line(bad_package):
                for p in adapters), adapters  # indirect, through a function-level import
     assert len(adapters) == 2  # good.py is fine; uses_bad.py's chain is bad.py's problem, named once
     assert by_contract["the model side never imports the report tools"] == [
-        "mmprompt/module.py:1: mmprompt.module imports mmprompt.report: the model side never imports the report tools"]
+        "mmprompt/model/module.py:1: mmprompt.model.module imports mmprompt.tools.report: the model side never imports the report tools"]
     assert by_contract["nothing imports the CLI but the entry point"] == [
-        "mmprompt/export.py:1: mmprompt.export imports mmprompt.cli: nothing imports the CLI but the entry point"]
+        "mmprompt/tools/export.py:1: mmprompt.tools.export imports mmprompt.run.cli: nothing imports the CLI but the entry point"]
     assert by_contract["the data package knows nothing of the model side"] == []  # TYPE_CHECKING only
     # an import-time chain to a heavy package is caught, a function-level one is not
-    assert heavy_imports(graph, "mmprompt.report", bad_package) == []
-    sweep = heavy_imports(graph, "mmprompt.sweep", bad_package)
-    assert sweep == ["mmprompt/sweep.py:2: mmprompt.sweep imports lightning (via mmprompt.data.datamodule -> "
-                     "lightning): mmprompt.sweep must import without lightning"]
+    assert heavy_imports(graph, "mmprompt.tools.report", bad_package) == []
+    sweep = heavy_imports(graph, "mmprompt.tools.sweep", bad_package)
+    assert sweep == ["mmprompt/tools/sweep.py:2: mmprompt.tools.sweep imports lightning (via mmprompt.data.datamodule -> "
+                     "lightning): mmprompt.tools.sweep must import without lightning"]
 
 
 def test_an_allowed_exception_needs_its_reason_in_the_table(bad_package):
     graph = import_graph(bad_package)
-    contract = Contract("the model side never imports the report tools", MODEL_SIDE, ("mmprompt.report",),
-                        allowed={("mmprompt.module", "mmprompt.report"): "shown here only as an example"})
+    contract = Contract("the model side never imports the report tools", MODEL_SIDE, ("mmprompt.tools.report",),
+                        allowed={("mmprompt.model.module", "mmprompt.tools.report"): "shown here only as an example"})
     assert contract_violations(graph, contract, bad_package) == []

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..attention import AttentionSite, attention_scores
+from ..model.attention import AttentionSite, attention_scores
 
 
 @dataclass(frozen=True)

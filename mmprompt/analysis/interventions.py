@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attention import AttentionSite, fused_attention
+from ..model.attention import AttentionSite, fused_attention
 from .common import (
     Branch, LayerSpec, ReduceFn, as_loader_list, batch_to, fresh_loader, has_prompts, identity_reduce, limited,
     markdown_table, resolve_layers, run_folder, towers_of, trainer_sum, write_table,

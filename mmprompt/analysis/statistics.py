@@ -18,8 +18,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from ..attention import AttentionSite, fused_attention
 from ..data.masks import mask_to_patch_grid
+from ..model.attention import AttentionSite, fused_attention
 from ..tables import write_json_atomic
 from .common import (
     ReduceFn, as_loader_list, first_items, has_prompts, markdown_table, run_folder, trainer_sum, write_table,

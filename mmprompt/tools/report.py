@@ -38,14 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .data.protocol import normalise_name  # torch-free: the data package imports lazily
-from .data.registry import (
+from ..data.protocol import normalise_name  # torch-free: the data package imports lazily
+from ..data.registry import (
     BASE2NEW, CROSS_DATASET, DOMAIN_GENERALIZATION, dataset_key, protocol_datasets, specs, transfer_source,
 )
-from .methods import methods
+from ..methods import methods
+from ..results import RESULTS_FILE, harmonic_mean
+from ..tables import markdown_grid, write_csv as write_records_csv, write_markdown
 from .report_stats import Interval, bootstrap_accuracy, bootstrap_hm, marked, paired_difference, t_interval
-from .results import RESULTS_FILE, harmonic_mean
-from .tables import markdown_grid, write_csv as write_records_csv, write_markdown
 
 SOURCE_DATASET = transfer_source()
 TRANSFER_PROTOCOL_PREFIXES = (CROSS_DATASET, DOMAIN_GENERALIZATION)
@@ -460,7 +460,7 @@ def build_tables(runs: Sequence[RunResult], ddof: int = 1) -> list[Table]:
     return tables
 
 
-# -- intervals and paired differences (mmprompt.report_stats) -----------------------------------------
+# -- intervals and paired differences (mmprompt.tools.report_stats) -----------------------------------------
 
 ZERO_SHOT_LABEL = "ZeroShot"  # nothing in zero-shot CLIP depends on the seed: one run pairs with every seed
 METRIC_NAMES = {"test/base/acc": "base", "test/new/acc": "novel", "test/hm": "HM", "test/all/acc": "accuracy"}
@@ -479,7 +479,7 @@ def image_counts(run_dir: Path) -> dict[str, int]:
     file (base = the first ⌈n/2⌉ labels); empty when either can't be read (then no bootstrap)."""
     import yaml  # the report reads YAML only here
 
-    from .data.registry import get_spec
+    from ..data.registry import get_spec
 
     try:
         data = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}

@@ -1,0 +1,1 @@
+"""The model side: the frozen CLIP seam, the backbone and the LightningModules."""

@@ -1,0 +1,1 @@
+"""The run side: the mmprompt command, its Lightning stages and run folders."""

@@ -1,0 +1,1 @@
+"""Instant tools over finished runs: report, sweep, export, the methods table."""
