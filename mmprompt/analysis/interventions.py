@@ -1,4 +1,4 @@
-"""Route interventions (SPEC §4): evaluate a trained prompt model with one of the prompts' two
+"""Route interventions (docs/analysis.md §3): evaluate a trained prompt model with one of the prompts' two
 routes removed, per branch and layer range.
 
 With the decomposition ``o_i = (1-λ_i) Ā_i v_X + β_i`` (see `decomposition`), each mode replaces a

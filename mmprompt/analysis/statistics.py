@@ -1,4 +1,4 @@
-"""[cls]→foreground statistics (SPEC §4) and the callback that records them.
+"""[cls]→foreground statistics (docs/analysis.md §2) and the callback that records them.
 
 Per layer and head: ``λ_cls`` (prompt mass of ``[cls]``), ``fg_share = Σ_{j∈FG} Ā_cls,j`` with Ā
 renormalised over the patches, ``fg_ratio = fg_share / (|FG| / #patches)`` (1 = no preference), and

@@ -11,9 +11,10 @@ results of different models never share a table), then by method, dataset and sh
 * transfer tables (cross-dataset / domain generalisation): accuracy per target dataset, the source
   (ImageNet) first and excluded from the target average.
 
-Base-to-novel tables of ViT-B/16 with OpenAI weights carry the published reference numbers of
-SPEC §7 as extra rows marked "(published)"; tables of other backbones don't. Std is the sample std over seeds (ddof=1, as papers report with 3 seeds) unless
-``--std population`` is given; a single seed has no sample std and shows none.
+Base-to-novel tables of ViT-B/16 with OpenAI weights carry the numbers the methods' papers report
+(ViT-B/16, 16 shots; listed in docs/protocols.md, Report) as extra rows marked "(published)"; tables
+of other backbones don't. Std is the sample std over seeds (ddof=1, as papers report with 3 seeds)
+unless ``--std population`` is given; a single seed has no sample std and shows none.
 
 Nothing is skipped silently: an unreadable or incomplete ``results.json`` stops the report with a
 message naming every bad file, or, with ``--skip_invalid``, is listed as a warning on stderr and in
@@ -55,7 +56,7 @@ STANDARD_DATASETS: tuple[str, ...] = protocol_datasets(BASE2NEW)
 KNOWN_DATASETS: tuple[str, ...] = tuple(spec.key for spec in specs() if spec.protocols or spec.transfer_source)
 
 
-# -- published references (SPEC §7: ViT-B/16, 16 shots, base-to-novel) --------------------------------
+# -- published references (the papers' base-to-novel numbers: ViT-B/16, 16 shots) ---------------------
 
 @dataclass(frozen=True)
 class Published:
@@ -81,7 +82,7 @@ PUBLISHED_BACKBONE = "ViT-B-16"  # the published rows are ViT-B/16 with OpenAI w
 
 
 def matches_published(backbone: str, pretrained: str | None) -> bool:
-    """True when results are comparable with SPEC §7's rows: ViT-B/16 (QuickGELU or not), OpenAI weights."""
+    """True when results are comparable with the published rows: ViT-B/16 (QuickGELU or not), OpenAI weights."""
     return backbone.removesuffix("-quickgelu") == PUBLISHED_BACKBONE and pretrained == "openai"
 
 
@@ -376,7 +377,7 @@ def base_new_table(protocol: str, runs: Sequence[RunResult], ddof: int) -> Table
             published_row(table, ref)
     table.notes.append("HM = HM of the seed-mean base and novel accuracies; average rows: HM of the "
                        "dataset-averaged base and novel accuracies. " + (
-                           "Published: SPEC §7 (ViT-B/16, 16 shots)." if references else
+                           "Published: the methods' papers (ViT-B/16, 16 shots)." if references else
                            "No published rows: they are ViT-B/16 with OpenAI weights, this table is not."))
     return table
 
