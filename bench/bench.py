@@ -35,7 +35,7 @@ from paths import make_paths, running  # noqa: E402
 
 from mmprompt import adapters as A  # noqa: E402
 from mmprompt.data.protocol import ClassSet  # noqa: E402
-from mmprompt.module import PromptCLIPModule  # noqa: E402
+from mmprompt.model.module import PromptCLIPModule  # noqa: E402
 
 ADAPTERS = {
     "zero-shot": A.ZeroShot, "coop": A.CoOp, "vpt-deep": A.VPTDeep, "ivlp": A.IVLP, "maple": A.MaPLe,

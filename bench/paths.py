@@ -19,9 +19,9 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from mmprompt.attention import AttendFn, AttentionSite, attention_scores, softmax_attention
-from mmprompt.encoders import EncoderOptions
-from mmprompt.module import PromptCLIPModule, TextCaches
+from mmprompt.model.attention import AttendFn, AttentionSite, attention_scores, softmax_attention
+from mmprompt.model.encoders import EncoderOptions
+from mmprompt.model.module import PromptCLIPModule, TextCaches
 
 FAST_OPTIONS = EncoderOptions(truncate_text=True, bucket_text=False, prune_last_layer=True, share_text_prefix=True,
                               attention="fused", cache_text_features=True)

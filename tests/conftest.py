@@ -10,9 +10,9 @@ os.environ.setdefault("MMPROMPT_QUIET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mmprompt.backbone import BackboneSpec, get_tokenizer, load_clip  # noqa: E402
 from mmprompt.data import FewShotDataModule  # noqa: E402
 from mmprompt.data.protocol import ClassSet  # noqa: E402
+from mmprompt.model.backbone import BackboneSpec, get_tokenizer, load_clip  # noqa: E402
 
 TINY = "mmprompt-tiny"
 

@@ -19,15 +19,15 @@ from mmprompt.analysis import (
     foreground_statistics, nearest_words, vision_prompt_similarity,
 )
 from mmprompt.analysis.common import resolve_layers
+from mmprompt.analysis.decomposition import decompose_scores, rows_seeing_prompts
 from mmprompt.analysis.interventions import MODES, MeanBiasCollector, intervened_output, target_layers
 from mmprompt.analysis.statistics import patch_attention
 from mmprompt.data.masks import mask_to_patch_grid
-from mmprompt.analysis.decomposition import decompose_scores, rows_seeing_prompts
-from mmprompt.attention import AttentionSite, fused_attention, softmax_attention
 from mmprompt.data.protocol import ClassSet
 from mmprompt.data.transforms import build_transform, transform_pair
-from mmprompt.encoders import Injection, encode_image
-from mmprompt.module import PromptCLIPModule
+from mmprompt.model.attention import AttentionSite, fused_attention, softmax_attention
+from mmprompt.model.encoders import Injection, encode_image
+from mmprompt.model.module import PromptCLIPModule
 
 CLASSES = ClassSet("all", ("cat", "dog", "car"))
 TOL = dict(atol=1e-5, rtol=1e-4)

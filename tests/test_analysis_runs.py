@@ -21,9 +21,9 @@ from mmprompt.analysis import (
 )
 from mmprompt.analysis.interventions import MODES
 from mmprompt.analysis.overlays import reference_maps
-from mmprompt.cli import main
 from mmprompt.data import FewShotDataModule
-from mmprompt.module import PromptCLIPModule
+from mmprompt.model.module import PromptCLIPModule
+from mmprompt.run.cli import main
 
 TRAINER = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                enable_checkpointing=False, limit_test_batches=2)

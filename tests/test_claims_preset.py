@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mmprompt import sweep
-from mmprompt.method_table import count_parameters, variant_rows
-from mmprompt.sweep_preset import PresetError, cut_down, preset_path, read_preset
+from mmprompt.tools import sweep
+from mmprompt.tools.methods_table import count_parameters, variant_rows
+from mmprompt.tools.sweep_preset import PresetError, cut_down, preset_path, read_preset
 
 from run_helpers import mmprompt
 

@@ -9,10 +9,10 @@ import pytest
 import yaml
 from data_fakes import FAKES, make_fake
 
-from mmprompt.checkpoint_io import AtomicCheckpointIO
-from mmprompt.cli import cli_main, main
 from mmprompt.data import FewShotDataModule, get_spec
 from mmprompt.methods import methods
+from mmprompt.model.checkpoint_io import AtomicCheckpointIO
+from mmprompt.run.cli import cli_main, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -159,8 +159,8 @@ def test_speed_options_given_flat_on_the_model_are_refused_naming_model_speed(da
 
 
 def test_upgrade_hyper_parameters_renames_adapter_options_and_moves_the_speed_flags():
-    from mmprompt.encoders import EncoderOptions
-    from mmprompt.run_config import FORMER_SPEED_OPTIONS, upgrade_hyper_parameters
+    from mmprompt.model.encoders import EncoderOptions
+    from mmprompt.run.config import FORMER_SPEED_OPTIONS, upgrade_hyper_parameters
 
     assert set(FORMER_SPEED_OPTIONS) <= set(EncoderOptions().as_dict())  # each former flag has its place
     old = {"adapter": {"class_path": "mmprompt.adapters.IVLP", "init_args": {"n_prompts": 2, "n_vision": 3}},
@@ -179,7 +179,7 @@ def test_upgrade_hyper_parameters_renames_adapter_options_and_moves_the_speed_fl
 def test_checkpoints_written_before_the_renames_are_read_with_the_new_names(tmp_path):
     import torch
 
-    from mmprompt.run_config import config_from_checkpoint
+    from mmprompt.run.config import config_from_checkpoint
 
     adapter = {"class_path": "mmprompt.adapters.BiasTuning", "init_args": {"layers": 4, "branches": "vision"}}
     old = {"state_dict": {}, "hyper_parameters": {"adapter": adapter, "model_name": "x"}}
@@ -272,7 +272,7 @@ def test_demo_runs_end_to_end_and_beats_chance(data_root, tmp_path, capsys):
     (["--trainer.limit_test_batches", "2", "--config=trainer: {limit_test_batches: 1}"], ["limit_test_batches"]),
 ])
 def test_a_batch_limit_of_1_means_one_batch(args, expected):
-    from mmprompt.cli import one_batch_limits
+    from mmprompt.run.cli import one_batch_limits
 
     assert one_batch_limits(["test", *args]) == expected
 
@@ -320,8 +320,8 @@ def test_compare_zero_shot_reports_zero_shot_clip_on_the_same_backbone_and_class
     import lightning as L
 
     from mmprompt.adapters import ZeroShot
-    from mmprompt.encoders import EncoderOptions
-    from mmprompt.module import PromptCLIPModule
+    from mmprompt.model.encoders import EncoderOptions
+    from mmprompt.model.module import PromptCLIPModule
 
     tested = []  # (adapter, speed) of each model tested: the baseline runs with the run's speed options
     test_epoch_start = PromptCLIPModule.on_test_epoch_start

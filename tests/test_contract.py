@@ -20,8 +20,8 @@ from mmprompt.adapters import Adapter, BuildContext, CoOp, ZeroShot
 from mmprompt.adapters.base import PreparationContext, TrainingStep
 from mmprompt.classes import ClassSet
 from mmprompt.data import FewShotDataModule
-from mmprompt.encoders import Injection
-from mmprompt.module import PromptCLIPModule
+from mmprompt.model.encoders import Injection
+from mmprompt.model.module import PromptCLIPModule
 
 TINY = "mmprompt-tiny"
 CLASSES = ClassSet("all", ("dog", "cat", "big red car", "oak tree"), "a photo of a {}.")
@@ -127,7 +127,7 @@ def test_frozen_text_features_are_per_template_normalised_and_computed_once(monk
         assert (row - expected).abs().max() < 1e-5
     single = module.frozen.text_features(CLASSES)  # default: the class set's own template
     assert (single[0] - features[0]).abs().max() < 1e-5  # (shorter truncation: float-close, not equal)
-    monkeypatch.setattr("mmprompt.module.encode_text", lambda *a, **k: pytest.fail("encoded twice"))
+    monkeypatch.setattr("mmprompt.model.module.encode_text", lambda *a, **k: pytest.fail("encoded twice"))
     assert module.frozen.text_features(CLASSES, list(templates)) is features
 
 
@@ -205,7 +205,7 @@ def test_a_foldable_declaration_is_checked_against_what_the_adapter_does():
 
 
 def test_export_refuses_to_fold_with_the_methods_own_reason(tmp_path):
-    from mmprompt.export import export_open_clip
+    from mmprompt.tools.export import export_open_clip
 
     with pytest.raises(ValueError, match="Residual is not declared foldable"):
         export_open_clip(tiny(Residual()), tmp_path)

@@ -13,9 +13,9 @@ from mmprompt.adapters import (
     TextDeep, TipAdapter, TipAdapterF, VPTDeep, ZeroShot,
 )
 from mmprompt.adapters.base import PreparationContext
-from mmprompt import method_table
 from mmprompt.data.protocol import ClassSet
-from mmprompt.module import PromptCLIPModule, word_embedder
+from mmprompt.model.module import PromptCLIPModule, word_embedder
+from mmprompt.tools import methods_table
 
 TINY = "mmprompt-tiny"
 REPO = Path(__file__).resolve().parents[1]
@@ -65,9 +65,9 @@ def test_tip_adapter_f_trains_one_key_per_training_image_on_vit_b16(vit_b16):
 def test_docs_parameter_counts_are_the_built_ones_on_vit_b16(vit_b16):
     """The parameter column of docs/methods.md's generated table, rebuilt from each method's config."""
     context = _build_context(*vit_b16)
-    rows = method_table.method_rows(REPO / "configs")
-    docs = method_table.counts_in_docs((REPO / "docs" / "methods.md").read_text())
-    assert {row.info.name: method_table.built_count(row, context) for row in rows} == docs
+    rows = methods_table.method_rows(REPO / "configs")
+    docs = methods_table.counts_in_docs((REPO / "docs" / "methods.md").read_text())
+    assert {row.info.name: methods_table.built_count(row, context) for row in rows} == docs
 
 
 def test_counts_follow_the_backbone_widths():

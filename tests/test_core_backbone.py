@@ -7,7 +7,7 @@ import torch
 from open_clip.transformer import QuickGELU
 from torch import nn
 
-from mmprompt.backbone import OPENAI_EXTRA_KEYS, load_clip, read_checkpoint_state_dict
+from mmprompt.model.backbone import OPENAI_EXTRA_KEYS, load_clip, read_checkpoint_state_dict
 
 SOURCE = "mmprompt-tiny-wide"  # a GELU config: OpenAI-format weights must switch it to QuickGELU
 

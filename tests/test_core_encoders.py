@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from mmprompt.attention import fused_attention, softmax_attention
-from mmprompt.backbone import BackboneSpec, get_tokenizer, load_clip
-from mmprompt.encoders import EncoderOptions, Injection, encode_image, encode_text, tokenize_prompts
+from mmprompt.model.attention import fused_attention, softmax_attention
+from mmprompt.model.backbone import BackboneSpec, get_tokenizer, load_clip
+from mmprompt.model.encoders import EncoderOptions, Injection, encode_image, encode_text, tokenize_prompts
 
 TEXTS = ["a photo of a dog.", "a photo of a very big orange cat with black stripes.", "x."]
 ATOL = 1e-5
@@ -166,7 +166,7 @@ def test_bad_injections_are_rejected(tiny):
 @pytest.mark.parametrize("pooled_only", [False, True])
 def test_shared_prompt_prefix_is_encoded_once_and_exactly(tiny, pooled_only):
     clip, tokenizer, spec = tiny
-    from mmprompt.encoders import shared_prefix_length
+    from mmprompt.model.encoders import shared_prefix_length
 
     texts = ["X X of a dog.", "X X of a very big orange cat.", "X X of a tree."]
     prompts = tokenize_prompts(clip, tokenizer, texts)

@@ -8,12 +8,12 @@ import lightning as L
 import pytest
 import torch
 
-from mmprompt import encoders
 from mmprompt.adapters import BiasTuning, CoCoOp, CoOp, MaPLe, VPTDeep
 from mmprompt.data import FewShotDataModule
 from mmprompt.data.protocol import ClassSet
-from mmprompt.module import PromptCLIPModule, harmonic_mean
-from mmprompt.schedule import warmup_cosine_factor
+from mmprompt.model import encoders
+from mmprompt.model.module import PromptCLIPModule, harmonic_mean
+from mmprompt.model.schedule import warmup_cosine_factor
 
 TINY = "mmprompt-tiny"
 
@@ -75,7 +75,7 @@ def _count_text_passes(monkeypatch) -> list[int]:
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("mmprompt.module.encode_text", counting)
+    monkeypatch.setattr("mmprompt.model.module.encode_text", counting)
     return calls
 
 
@@ -176,7 +176,7 @@ def test_image_size_mismatch_is_reported(tmp_path, synthetic_root):
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
-    from mmprompt.checkpoint_io import AtomicCheckpointIO
+    from mmprompt.model.checkpoint_io import AtomicCheckpointIO
 
     io, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
     io.save_checkpoint({"state_dict": {"adapter.x": torch.ones(3)}}, path)

@@ -13,8 +13,8 @@ from PIL import Image
 from data_fakes import make_class_folders
 from mmprompt.data import FewShotDataModule, make_split
 from mmprompt.data.check import main as check_main
-from mmprompt.commands import main
 from mmprompt.data.custom import main as make_split_main
+from mmprompt.run.commands import main
 
 CLASSES = {"red_fox": 10, "grey wolf": 10, "coyote": 10, "dingo": 10}
 

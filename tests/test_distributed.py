@@ -14,10 +14,10 @@ import pytest
 import torch
 from run_helpers import child_pids, hard_deadline, mmprompt, torchrun
 
-from mmprompt.cli import claim_run_dir, cli_main
 from mmprompt.data import FewShotDataModule
 from mmprompt.data.distributed import per_device_batch, unrepeated_sampler
-from mmprompt.launch import slurm_version
+from mmprompt.run.cli import claim_run_dir, cli_main
+from mmprompt.run.launch import slurm_version
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

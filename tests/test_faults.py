@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-from mmprompt.cli import main
 from mmprompt.data import FewShotDataModule, make_split
 from mmprompt.data.catalog import Item, open_rgb, write_json_atomic
 from mmprompt.data.dataset import ItemDataset
@@ -26,7 +25,8 @@ from mmprompt.data.masks import nonzero_pixels
 from mmprompt.data.synthetic import generate_synthetic
 from mmprompt.data.transforms import build_transform
 from mmprompt.files import UnreadableFile, current_umask
-from mmprompt.guards import checkpoint_model_options, error_text, is_global_rank_zero, refuse_reused_run_dir
+from mmprompt.run.cli import main
+from mmprompt.run.guards import checkpoint_model_options, error_text, is_global_rank_zero, refuse_reused_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -219,7 +219,7 @@ def test_checkpoint_fills_only_the_options_left_at_their_defaults(caplog):
     defaults = {"model_name": "ViT-B-16-quickgelu", "lr": 0.0035, "attention": "fused"}
     saved = {"model_name": "mmprompt-tiny", "lr": 0.05, "attention": "fused", "_instantiator": "x"}
     given = {"model_name": "ViT-B-16-quickgelu", "lr": 0.01, "attention": "fused"}
-    with caplog.at_level(logging.WARNING, logger="mmprompt.guards"):
+    with caplog.at_level(logging.WARNING, logger="mmprompt.run.guards"):
         updates = checkpoint_model_options(given, saved, defaults, "a.ckpt")
     assert updates == {"model_name": "mmprompt-tiny", "attention": "fused"}  # lr: the explicit 0.01 stays
     assert "--model.lr 0.01 overrides 0.05 stored in a.ckpt" in caplog.text
@@ -232,13 +232,13 @@ def test_checkpoint_speed_options_compare_as_plain_data(caplog):
     """The parsed config holds a Namespace, the default an EncoderOptions, the checkpoint a dict."""
     from jsonargparse import Namespace
 
-    from mmprompt.encoders import EncoderOptions
-    from mmprompt.guards import init_defaults
-    from mmprompt.module import PromptCLIPModule
+    from mmprompt.model.encoders import EncoderOptions
+    from mmprompt.model.module import PromptCLIPModule
+    from mmprompt.run.guards import init_defaults
 
     saved = {"speed": EncoderOptions(text_chunk_size=250).as_dict()}
     defaults = init_defaults(PromptCLIPModule)
-    with caplog.at_level(logging.WARNING, logger="mmprompt.guards"):
+    with caplog.at_level(logging.WARNING, logger="mmprompt.run.guards"):
         assert checkpoint_model_options({"speed": Namespace(**saved["speed"])}, saved, defaults, "a.ckpt") == saved
         assert checkpoint_model_options({"speed": defaults["speed"]}, saved, defaults, "a.ckpt") == saved
         assert not caplog.text

@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from data_fakes import make_class_folders
-from mmprompt import checkpoint_io
-from mmprompt.cli import main
 from mmprompt.data import FewShotDataModule, make_split
+from mmprompt.model import checkpoint_io
+from mmprompt.run.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -157,7 +157,7 @@ def test_resuming_a_moved_run_keeps_last_ckpt_the_newest(trained, data_root, tmp
 
 def test_a_second_process_on_a_run_folder_is_refused(trained, data_root, tmp_path, capsys):
     """main: two `fit --ckpt_path last` on one version both ran into the folder (duplicated metrics)."""
-    from mmprompt.run_folder import RunLock
+    from mmprompt.run.folder import RunLock
 
     run = copy_run(trained, tmp_path)
     lock = RunLock(run).acquire()  # another live process (a lock on another open file conflicts, even in-process)
@@ -173,10 +173,10 @@ def test_a_second_process_on_a_run_folder_is_refused(trained, data_root, tmp_pat
 @pytest.mark.slow
 def test_a_killed_process_leaves_no_stuck_lock(tmp_path):
     """The kernel drops a flock when its process dies: the lock file left behind blocks nothing."""
-    from mmprompt.run_folder import LOCK_FILE, RunLock
+    from mmprompt.run.folder import LOCK_FILE, RunLock
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from mmprompt."
-                               "run_folder import RunLock; lock = RunLock(sys.argv[2]).acquire(); print('held', flush=True); "
+                               "run.folder import RunLock; lock = RunLock(sys.argv[2]).acquire(); print('held', flush=True); "
                                "import time; time.sleep(60)", str(REPO), str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -397,7 +397,7 @@ def test_fit_warns_when_the_tiny_clip_meets_real_images(tmp_path):
 
 def test_no_tiny_clip_warning_inside_its_world_or_for_a_real_clip():
     """world-shapes and the synthetic sets are the tiny CLIP's world; a real CLIP may meet anything."""
-    from mmprompt.guards import outside_tiny_world
+    from mmprompt.run.guards import outside_tiny_world
 
     assert outside_tiny_world(True, True, "world-shapes", "synthetic-world") is None
     assert outside_tiny_world(False, False, "custom", "openai") is None

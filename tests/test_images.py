@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import mmprompt
-from mmprompt.cli import cli_main, main
 from mmprompt.data.transforms import build_transform
-from mmprompt.module import PromptCLIPModule
+from mmprompt.model.module import PromptCLIPModule
+from mmprompt.run.cli import cli_main, main
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"]
@@ -158,13 +158,13 @@ def test_import_mmprompt_stays_light_and_load_is_imported_on_first_call():
     from test_layering import import_graph
 
     eager = [edge.target for edge in import_graph(REPO)["mmprompt"] if edge.eager]
-    assert eager == [] and callable(mmprompt.load)  # `load` imports mmprompt.inference (torch) when called
+    assert eager == [] and callable(mmprompt.load)  # `load` imports mmprompt.run.inference (torch) when called
 
 
 def test_image_conditioned_text_has_no_image_free_features():
     from mmprompt.adapters import CoCoOp
     from mmprompt.classes import ClassSet
-    from mmprompt.inference import Classifier
+    from mmprompt.run.inference import Classifier
 
     module = PromptCLIPModule(CoCoOp(), model_name="mmprompt-tiny", pretrained=None)
     classifier = Classifier(module, ClassSet("images", ("circle", "star")), build_transform(False, 64))
@@ -173,7 +173,7 @@ def test_image_conditioned_text_has_no_image_free_features():
 
 
 def test_images_take_several_values_or_one_as_users_write_them():
-    from mmprompt.inference import images_as_one_value
+    from mmprompt.run.inference import images_as_one_value
 
     assert images_as_one_value(["predict", "--images", "a.jpg", "dir/", "g/*.png", "--top_k", "3"]) == [
         "predict", "--images", '["a.jpg", "dir/", "g/*.png"]', "--top_k", "3"]

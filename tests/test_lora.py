@@ -15,9 +15,9 @@ from mmprompt.analysis import AttentionAccumulator, InterventionProbe, Statistic
 from mmprompt.analysis.interventions import MODES, target_layers
 from mmprompt.data import FewShotDataModule
 from mmprompt.data.protocol import ClassSet
-from mmprompt.encoders import encode_image, encode_text, tokenize_prompts
-from mmprompt.export import export_adapter, export_open_clip, load_adapter
-from mmprompt.module import PromptCLIPModule
+from mmprompt.model.encoders import encode_image, encode_text, tokenize_prompts
+from mmprompt.model.module import PromptCLIPModule
+from mmprompt.tools.export import export_adapter, export_open_clip, load_adapter
 
 TINY = "mmprompt-tiny"
 CLASSES = ClassSet("all", ("dog", "cat", "big red car", "oak tree"), "a photo of a {}.")

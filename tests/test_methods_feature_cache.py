@@ -23,8 +23,8 @@ from mmprompt.analysis import AttentionAccumulator, StatisticsProbe
 from mmprompt.analysis.statistics import summary_table
 from mmprompt.data import FewShotDataModule
 from mmprompt.data.protocol import ClassSet
-from mmprompt.export import export_adapter, export_open_clip, load_adapter
-from mmprompt.module import PromptCLIPModule
+from mmprompt.model.module import PromptCLIPModule
+from mmprompt.tools.export import export_adapter, export_open_clip, load_adapter
 
 TINY = "mmprompt-tiny"
 REPO = Path(__file__).resolve().parents[1]

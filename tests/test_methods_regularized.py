@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader
 from mmprompt.adapters import KgCoOp, PromptSRC
 from mmprompt.adapters.promptsrc import PROMPTSRC_TEMPLATES, gaussian_epoch_weights
 from mmprompt.classes import ClassSet
-from mmprompt.cli import cli_main, main
 from mmprompt.data import FewShotDataModule
-from mmprompt.export import load_adapter
 from mmprompt.methods import label_of
-from mmprompt.module import PromptCLIPModule
+from mmprompt.model.module import PromptCLIPModule
+from mmprompt.run.cli import cli_main, main
+from mmprompt.tools.export import load_adapter
 
 TINY = "mmprompt-tiny"
 REPO = Path(__file__).resolve().parents[1]

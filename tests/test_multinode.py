@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from run_helpers import torchrun_nodes
 
-from mmprompt.cli import cli_main
+from mmprompt.run.cli import cli_main
 
 TWO_NODES = ["--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp",
              "--trainer.accelerator", "cpu"]

@@ -23,15 +23,15 @@ import yaml
 import lightning as L
 
 from mmprompt.adapters import BiasTuning, CoupledBiasTuning, MaPLe, VPTDeep
-from mmprompt.cli import cli_main, main
-from mmprompt.commands import run_tool
-from mmprompt.commands import TOOLS
-from mmprompt.data.protocol import ClassSet
-from mmprompt.export import export_adapter, export_open_clip, load_adapter
 from mmprompt.data import FewShotDataModule
-from mmprompt.encoders import EncoderOptions
-from mmprompt.module import PromptCLIPModule
-from mmprompt.shipped import resolve_config, shipped_config_names, with_shipped_configs
+from mmprompt.data.protocol import ClassSet
+from mmprompt.model.encoders import EncoderOptions
+from mmprompt.model.module import PromptCLIPModule
+from mmprompt.run.cli import cli_main, main
+from mmprompt.run.commands import run_tool
+from mmprompt.run.commands import TOOLS
+from mmprompt.run.shipped import resolve_config, shipped_config_names, with_shipped_configs
+from mmprompt.tools.export import export_adapter, export_open_clip, load_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -269,7 +269,7 @@ def test_checkpoints_written_before_the_renames_load_from_python_with_the_curren
     trainer.save_checkpoint(tmp_path / "current.ckpt")
     old = written_before_the_renames(tmp_path / "current.ckpt", tmp_path / "old.ckpt",
                                      {"n_prompts": 2, "depth": 3, "init": "vpt"})
-    with caplog.at_level(logging.WARNING, logger="mmprompt.run_config"):
+    with caplog.at_level(logging.WARNING, logger="mmprompt.run.config"):
         module = PromptCLIPModule.load_from_checkpoint(old).eval()
     assert f"{old} was written before options were renamed; read with the current names: adapter.init_args.n_prompts " \
            "-> n_ctx, text_chunk_size -> speed.text_chunk_size, attention -> speed.attention" in caplog.text
@@ -293,7 +293,7 @@ BIAS_OPTIONS = {"depth": 9, "layers": None, "branch": "both", "placement": "both
 
 def test_checkpoints_written_before_the_renames_test_and_export_from_the_command_line(trained_run, tmp_path, caplog):
     old = written_before_the_renames(trained_run / "checkpoints" / "last.ckpt", tmp_path / "old.ckpt", OLD_BIAS_OPTIONS)
-    with caplog.at_level(logging.WARNING, logger="mmprompt.run_config"):
+    with caplog.at_level(logging.WARNING, logger="mmprompt.run.config"):
         cli = cli_main(["test", "--ckpt_path", str(old), "--out_dir", str(tmp_path / "runs"), "--version", "old",
                         "--trainer.enable_progress_bar", "false"])
     assert caplog.text.count("was written before options were renamed") == 1
@@ -384,7 +384,7 @@ def test_top_level_help_and_version_answer_in_under_two_seconds(flag, tmp_path):
 
 
 def test_sweep_finds_the_shipped_configs_outside_a_checkout(tmp_path, monkeypatch, capsys):
-    from mmprompt import sweep
+    from mmprompt.tools import sweep
 
     monkeypatch.chdir(tmp_path)  # no ./configs here: a pip-installed user's folder
     assert sweep.main(["--protocol", "base2new", "--methods", "maple", "--datasets", "eurosat", "--seeds", "1",
@@ -395,7 +395,7 @@ def test_sweep_finds_the_shipped_configs_outside_a_checkout(tmp_path, monkeypatc
 
 def test_checkpoint_config_goes_first_so_user_options_win(trained_run, tmp_path):
     from mmprompt.files import UnreadableFile
-    from mmprompt.run_config import config_from_checkpoint, with_checkpoint_config
+    from mmprompt.run.config import config_from_checkpoint, with_checkpoint_config
 
     checkpoint = str(trained_run / "checkpoints" / "last.ckpt")
     args = with_checkpoint_config(["test", "--ckpt_path", checkpoint, "--model.speed.attention", "explicit"])

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from mmprompt.adapters import IVLP, BiasTuning, CoCoOp, CoOp, CoupledBiasTuning, LoRA, MaPLe, VPTDeep, ZeroShot
-from mmprompt.attention import softmax_attention
 from mmprompt.data.protocol import ClassSet
-from mmprompt.encoders import encode_image, encode_text, length_buckets, tokenize_prompts
-from mmprompt.module import PromptCLIPModule
+from mmprompt.model.attention import softmax_attention
+from mmprompt.model.encoders import encode_image, encode_text, length_buckets, tokenize_prompts
+from mmprompt.model.module import PromptCLIPModule
 
 TINY = "mmprompt-tiny"
 ATOL = 2e-5

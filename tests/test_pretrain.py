@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import mmprompt
-from mmprompt.backbone import BUNDLED_CONFIG_DIR, bundled_weights, load_clip
-from mmprompt.cli import PRETRAINED_WEIGHTS_FILE, main
-from mmprompt.encoders import encode_image
-from mmprompt.pretrain import EpochStream, PretrainCLIP, encode_captions, warmup_cosine
+from mmprompt.model.backbone import BUNDLED_CONFIG_DIR, bundled_weights, load_clip
+from mmprompt.model.encoders import encode_image
+from mmprompt.model.pretrain import EpochStream, PretrainCLIP, encode_captions, warmup_cosine
+from mmprompt.run.cli import PRETRAINED_WEIGHTS_FILE, main
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "pretrain" / "world.yaml"

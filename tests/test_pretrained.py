@@ -17,10 +17,10 @@ import open_clip
 import pytest
 import torch
 
-from mmprompt.backbone import BUNDLED_CONFIG_DIR, bundled_weights, load_clip
 from mmprompt.analysis.statistics import layer_means, load_summary
-from mmprompt.cli import main
-from mmprompt.pretrain import PretrainCLIP, WorldDataModule
+from mmprompt.model.backbone import BUNDLED_CONFIG_DIR, bundled_weights, load_clip
+from mmprompt.model.pretrain import PretrainCLIP, WorldDataModule
+from mmprompt.run.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

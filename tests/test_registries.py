@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mmprompt import method_table
 from mmprompt import methods as registry
-from mmprompt import report, sweep
 from mmprompt.data.registry import PROTOCOLS, get_spec, protocol_datasets, specs, transfer_source
 from mmprompt.methods import MethodInfo, RegistryError, methods, scan_methods
+from mmprompt.tools import methods_table
+from mmprompt.tools import report, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -63,7 +63,7 @@ def test_the_registry_read_from_source_equals_the_decorators():
 
 
 def test_reading_the_registry_imports_no_torch():
-    code = ("import sys; from mmprompt import report, sweep; from mmprompt.methods import methods; "
+    code = ("import sys; from mmprompt.tools import report, sweep; from mmprompt.methods import methods; "
             "print(len(methods()), sweep.method_label('maple'), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.split() == [str(len(methods())), "MaPLe", "False"]
@@ -83,7 +83,7 @@ def test_every_shipped_method_config_is_registered():
 
 @pytest.mark.parametrize("info", methods(), ids=lambda info: info.name)
 def test_every_method_trains_only_its_own_tensors_and_checkpoints_them(info, classes):
-    from mmprompt.module import PromptCLIPModule, build_adapter
+    from mmprompt.model.module import PromptCLIPModule, build_adapter
 
     torch.manual_seed(0)
     module = PromptCLIPModule(build_adapter(adapter_config(info)), model_name="mmprompt-tiny", pretrained=None)
@@ -105,9 +105,9 @@ def test_docs_method_table_is_the_generated_one():
     """Every column but the parameter counts (checked on ViT-B/16 in test_core_adapters) is regenerated
     from the registry and the configs and must equal the docs: a new method's row is never hand-written."""
     text = (DOCS / "methods.md").read_text()
-    counts = method_table.counts_in_docs(text)
+    counts = methods_table.counts_in_docs(text)
     assert list(counts) == registry.method_names()
-    assert method_table.docs_table(text) == method_table.markdown(method_table.method_rows(CONFIGS), counts), (
+    assert methods_table.docs_table(text) == methods_table.markdown(methods_table.method_rows(CONFIGS), counts), (
         "docs/methods.md lags the registry: run `mmprompt methods --update_docs docs/methods.md`")
     assert "coupled_bias" not in (DOCS / "protocols.md").read_text()  # points to `mmprompt methods` instead
 
@@ -144,8 +144,8 @@ def test_a_new_method_gets_its_docs_row_from_its_file_and_config(tmp_path):
     (configs / "methods" / "my_method.yaml").write_text(
         "# My method: one gate per layer. Details follow.\nmodel:\n  adapter:\n"
         "    class_path: mmprompt.adapters.MyMethod\n    init_args:\n      depth: 3\n  lr: 0.01\n")
-    rows = method_table.method_rows(configs, infos)
-    table = method_table.markdown(rows)
+    rows = methods_table.method_rows(configs, infos)
+    table = methods_table.markdown(rows)
     lines = table.splitlines()
     assert lines[0] == "| name | class | what it is | defaults (configs/methods/<name>.yaml) |"
     assert lines[2 + [row.info.name for row in rows].index("my_method")] == (
@@ -155,12 +155,12 @@ def test_a_new_method_gets_its_docs_row_from_its_file_and_config(tmp_path):
 
 def test_the_docs_table_is_rewritten_between_its_markers_only(tmp_path):
     text = (DOCS / "methods.md").read_text()
-    stale = method_table.with_docs_table(text, "| name |\n|---|\n| `old` |\n")
-    assert method_table.docs_table(stale) == "| name |\n|---|\n| `old` |\n"
-    assert stale.replace("| name |\n|---|\n| `old` |\n", method_table.docs_table(text)) == text
-    assert method_table.with_docs_table(stale, method_table.docs_table(text)) == text
+    stale = methods_table.with_docs_table(text, "| name |\n|---|\n| `old` |\n")
+    assert methods_table.docs_table(stale) == "| name |\n|---|\n| `old` |\n"
+    assert stale.replace("| name |\n|---|\n| `old` |\n", methods_table.docs_table(text)) == text
+    assert methods_table.with_docs_table(stale, methods_table.docs_table(text)) == text
     with pytest.raises(ValueError, match="README.md: no methods table markers"):
-        method_table.docs_table((REPO / "README.md").read_text(), "README.md")
+        methods_table.docs_table((REPO / "README.md").read_text(), "README.md")
 
 
 @pytest.mark.parametrize("config, message", [
@@ -174,19 +174,19 @@ def test_a_method_config_the_table_cannot_read_is_named(tmp_path, config, messag
         (tmp_path / "methods" / "coop.yaml").write_text(config)
     coop = next(info for info in methods() if info.name == "coop")
     with pytest.raises((FileNotFoundError, ValueError), match=message):
-        method_table.method_rows(tmp_path, [coop])
+        methods_table.method_rows(tmp_path, [coop])
 
 
 @pytest.mark.parametrize("tool", ["report", "sweep", "methods"])
 def test_the_instant_tools_start_without_importing_torch(tool):
-    code = (f"import sys\nfrom mmprompt.commands import main\ntry:\n    main([{tool!r}, '--help'])\n"
+    code = (f"import sys\nfrom mmprompt.run.commands import main\ntry:\n    main([{tool!r}, '--help'])\n"
             "except SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert f"mmprompt {tool}" in out and out.splitlines()[-1] == "torch imported: False"
 
 
 def test_mmprompt_methods_lists_the_registry_without_importing_torch():
-    out = subprocess.run([sys.executable, "-c", "import sys; from mmprompt.commands import main; main(['methods']); "
+    out = subprocess.run([sys.executable, "-c", "import sys; from mmprompt.run.commands import main; main(['methods']); "
                           "print('torch' in sys.modules)"], capture_output=True, text=True, check=True, cwd=REPO).stdout
     lines = out.splitlines()
     assert [line.split()[:2] for line in lines[:-1]] == [[info.name, info.label] for info in methods()]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mmprompt import report
+from mmprompt.tools import report
 
 
 def write_result(root: Path, protocol: str, method: str, dataset: str, seed: int, metrics: dict,

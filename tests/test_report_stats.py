@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mmprompt import report
-from mmprompt.report_stats import (
+from mmprompt.tools import report
+from mmprompt.tools.report_stats import (
     bootstrap_accuracy, bootstrap_hm, marked, paired_difference, t_interval, t_quantile, verdict, welch_difference,
 )
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mmprompt import sweep
+from mmprompt.tools import sweep
 
 COMMON = "--seed_everything {s} --data.seed {s} --data.shots 16"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from test_sweep import FakeRunner, cross_dataset_argv, option, workdir  # noqa: F401 (workdir is a fixture)
 
-from mmprompt import sweep
-from mmprompt.commands import main as mmprompt_main
-from mmprompt.sweep_cluster import SweepJob, job_groups
+from mmprompt.run.commands import main as mmprompt_main
+from mmprompt.tools import sweep
+from mmprompt.tools.sweep_cluster import SweepJob, job_groups
 
 REPO = Path(__file__).resolve().parents[1]
 #: the job processes unpickle `LoggingRunner` by importing this file: keep its imports light (no torch)

@@ -3,6 +3,11 @@
 Every module of this package is imported here, and each class registered with
 `mmprompt.methods.register_method` is exported under its class name: a new method is one file
 (plus its config under ``configs/methods/``) and no edit here.
+
+An adapter sees the frozen CLIP only through the seam (``model/encoders.py``, ``model/attention.py``)
+and the backbone's spec; the LightningModule (``model/module.py``) builds it and calls its hooks.
+May import: `model.backbone`, `model.encoders`, `model.attention`, `classes`, `methods`.
+Never imports: `data`, `analysis`, `run`, `tools`, `model.module`, `model.pretrain`.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ hook                           what it is for (a method that uses it)
 =============================  ==================================================================
 
 and two capabilities are *declared*, never guessed from what an adapter injects, and checked once
-when the module is built (`mmprompt.module.PromptCLIPModule`):
+when the module is built (`mmprompt.model.module.PromptCLIPModule`):
 
 * `trains_text`: the text features depend on trainable tensors, so they are recomputed at every
   training step; False lets the module encode the class prompts once per run.
@@ -43,9 +43,9 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..backbone import BackboneSpec
 from ..classes import ClassSet
-from ..encoders import Injection
+from ..model.backbone import BackboneSpec
+from ..model.encoders import Injection
 
 
 @dataclass(frozen=True)

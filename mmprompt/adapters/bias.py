@@ -11,8 +11,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..encoders import Injection
 from ..methods import register_method
+from ..model.encoders import Injection
 from .base import Adapter, BuildContext, check_layers_option, select_layers
 
 Branch = Literal["both", "text", "vision"]
@@ -79,7 +79,7 @@ class BiasTuning(Adapter):
         return self.branch in ("both", "text")
 
     def fold_refusal(self) -> str | None:
-        return None  # learned biases fold exactly into out_proj / c_proj (mmprompt.export)
+        return None  # learned biases fold exactly into out_proj / c_proj (mmprompt.tools.export)
 
     def vision_injection(self) -> Injection:
         return self._injection("vision")

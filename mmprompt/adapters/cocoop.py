@@ -6,8 +6,8 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from ..encoders import Injection
 from ..methods import register_method
+from ..model.encoders import Injection
 from .base import BuildContext
 from .components import TextPromptAdapter
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..classes import ClassSet
-from ..encoders import Injection
+from ..model.encoders import Injection
 from .base import Adapter, BuildContext, check_depth
 
 PROMPT_INIT_STD = 0.02

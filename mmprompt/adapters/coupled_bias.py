@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..encoders import Injection
 from ..methods import register_method
+from ..model.encoders import Injection
 from .base import Adapter, BuildContext, check_layers_option, select_layers
 from .bias import Placement, bias_injection, places_of
 from .components import text_to_vision_projections
@@ -46,7 +46,7 @@ class CoupledBiasTuning(Adapter):
         return bias_injection(self.layer_indices, dict(self.text_biases))
 
     def fold_refusal(self) -> str | None:
-        return None  # both towers' biases fold exactly into out_proj / c_proj (mmprompt.export)
+        return None  # both towers' biases fold exactly into out_proj / c_proj (mmprompt.tools.export)
 
     def vision_injection(self) -> Injection:
         vision = {

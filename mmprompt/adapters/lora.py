@@ -1,7 +1,7 @@
 """CLIP-LoRA (Zanella & Ben Ayed, 2024): low-rank updates of the q, k and v projections in every
 layer of both towers; the text stays the dataset's hand-written template.
 
-Each update is a weight delta on the seam (`mmprompt.encoders.Injection.deltas`): block ``j``'s
+Each update is a weight delta on the seam (`mmprompt.model.encoders.Injection.deltas`): block ``j``'s
 projection ``p`` computes ``W_p h + b_p + scale · B A dropout(h)``, which equals the frozen block
 with ``W_p + scale · B A`` (dropout is off in evaluation). ``B`` starts at zero, so step 0 is
 zero-shot CLIP exactly. No prompt tokens are added: the prompt mass λ of the attention
@@ -20,9 +20,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..attention import PROJECTIONS, Projection
-from ..encoders import Injection
 from ..methods import register_method
+from ..model.attention import PROJECTIONS, Projection
+from ..model.encoders import Injection
 from .base import Adapter, BuildContext, check_layers_option, select_layers
 
 Branches = Literal["both", "text", "vision"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..encoders import Injection
 from ..methods import register_method
+from ..model.encoders import Injection
 from .base import BuildContext, check_depth
 from .components import TextPromptAdapter, text_to_vision_projections
 

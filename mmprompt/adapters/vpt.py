@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..encoders import Injection
 from ..methods import register_method
+from ..model.encoders import Injection
 from .base import Adapter, BuildContext
 from .components import VisionPromptStack, prompt_fold_refusal
 

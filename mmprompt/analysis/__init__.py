@@ -1,5 +1,10 @@
 """Why prompts work: the prompt decomposition, attention statistics, overlays, route interventions
-and prompt analysis (SPEC §4). The callbacks run inside ``mmprompt test``; see docs/analysis.md."""
+and prompt analysis (docs/analysis.md §1-4). The callbacks run inside ``mmprompt test``.
+
+They read a trained model through the seam (attention sites, injections) and the masks of the data.
+May import: `model`, `data`, `tables`.
+Never imports: `run`, `tools`.
+"""
 
 from .decomposition import Decomposition, decompose, decompose_scores
 from .interventions import (

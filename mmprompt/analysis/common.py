@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ..attention import AttendFn, Tower
+from ..model.attention import AttendFn, Tower
 from ..tables import markdown_table, write_table  # re-exported: the analyses write their tables through these
 
 Branch = Literal["text", "vision", "both"]

@@ -1,4 +1,4 @@
-"""The prompt decomposition of one attention head (SPEC §4), written out.
+"""The prompt decomposition of one attention head (docs/analysis.md §1), written out.
 
 For a query ``i``, real tokens ``X`` and prompt tokens ``P`` with scores ``s``:
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..attention import AttentionSite, attention_scores
+from ..model.attention import AttentionSite, attention_scores
 
 
 @dataclass(frozen=True)

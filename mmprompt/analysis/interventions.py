@@ -1,4 +1,4 @@
-"""Route interventions (SPEC §4): evaluate a trained prompt model with one of the prompts' two
+"""Route interventions (docs/analysis.md §3): evaluate a trained prompt model with one of the prompts' two
 routes removed, per branch and layer range.
 
 With the decomposition ``o_i = (1-λ_i) Ā_i v_X + β_i`` (see `decomposition`), each mode replaces a
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attention import AttentionSite, fused_attention
+from ..model.attention import AttentionSite, fused_attention
 from .common import (
     Branch, LayerSpec, ReduceFn, as_loader_list, batch_to, fresh_loader, has_prompts, identity_reduce, limited,
     markdown_table, resolve_layers, run_folder, towers_of, trainer_sum, write_table,

@@ -12,8 +12,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from ..attention import AttentionSite, attention_scores, fused_attention
-from ..encoders import encode_image
+from ..model.attention import AttentionSite, attention_scores, fused_attention
+from ..model.encoders import encode_image
 
 log = logging.getLogger(__name__)
 

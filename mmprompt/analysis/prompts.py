@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attention import NO_DELTAS, BlockDeltas, in_projection
 from ..data.masks import mask_to_patch_grid
-from ..encoders import encode_image
+from ..model.attention import NO_DELTAS, BlockDeltas, in_projection
+from ..model.encoders import encode_image
 from .common import batch_to, markdown_table, run_folder, text_prompts_of, unsharded_batches, vision_prompts_of, write_table
 
 log = logging.getLogger(__name__)

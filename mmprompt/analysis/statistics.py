@@ -1,4 +1,4 @@
-"""[cls]→foreground statistics (SPEC §4) and the callback that records them.
+"""[cls]→foreground statistics (docs/analysis.md §2) and the callback that records them.
 
 Per layer and head: ``λ_cls`` (prompt mass of ``[cls]``), ``fg_share = Σ_{j∈FG} Ā_cls,j`` with Ā
 renormalised over the patches, ``fg_ratio = fg_share / (|FG| / #patches)`` (1 = no preference), and
@@ -18,8 +18,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from ..attention import AttentionSite, fused_attention
 from ..data.masks import mask_to_patch_grid
+from ..model.attention import AttentionSite, fused_attention
 from ..tables import write_json_atomic
 from .common import (
     ReduceFn, as_loader_list, first_items, has_prompts, markdown_table, run_folder, trainer_sum, write_table,

@@ -2,6 +2,11 @@
 
 Names are imported lazily, so ``mmprompt.data.check`` or ``mmprompt.data.fewshot`` don't pay for
 importing Lightning.
+
+The bottom layer: the model asks a datamodule for its classes through `mmprompt.classes`, so nothing
+here knows the model side.
+May import: `classes`, `files`, `tables`.
+Never imports: `model`, `adapters`, `analysis`, `run`, `tools`.
 """
 
 from __future__ import annotations

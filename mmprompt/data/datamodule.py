@@ -36,7 +36,7 @@ def dataset_label(dataset: str, split_file: str | None) -> str:
 
 
 class FewShotDataModule(L.LightningDataModule):
-    """Few-shot / base-to-novel / cross-dataset data for prompt learning (SPEC §5)."""
+    """Few-shot / base-to-novel / cross-dataset data for prompt learning (docs/datasets.md)."""
 
     def __init__(
         self,

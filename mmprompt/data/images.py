@@ -84,7 +84,7 @@ def check_readable(paths: Sequence[Path]) -> None:
 
 class ImageFiles(Dataset):
     """The images of ``paths`` as test-split batches: ``{"image": (3, H, W), "index": long}``; ``items``
-    (``.path``) is what `mmprompt.predictions.PredictionWriter` writes in each row."""
+    (``.path``) is what `mmprompt.run.predictions.PredictionWriter` writes in each row."""
 
     def __init__(self, paths: Sequence[Path], transform: v2.Compose) -> None:
         self.items = [ImageFile(str(path)) for path in paths]

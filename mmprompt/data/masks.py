@@ -33,7 +33,8 @@ class MaskSource(Protocol):
 
 def mask_to_patch_grid(mask: torch.Tensor, patch_size: int, threshold: float = 0.5) -> torch.Tensor:
     """Foreground patches of (N, H, W) masks as a bool (N, gh*gw) tensor in row-major patch order: a
-    patch is foreground if its mean coverage is ≥ ``threshold`` (SPEC §4: ≥ 50% covered)."""
+    patch is foreground if its mean coverage is ≥ ``threshold`` (0.5 by default: at least half
+    covered; docs/datasets.md, Foreground masks)."""
     if mask.dim() != 3:
         raise ValueError(f"mask must be (N, H, W), got shape {tuple(mask.shape)}")
     h, w = mask.shape[-2:]

@@ -1,6 +1,6 @@
 """One parser per split format, all returning a `Catalog` with paths relative to the dataset folder.
 
-Formats (SPEC §5): CoOp's ``split_zhou_<Name>.json``; FGVCAircraft's ``images_variant_*.txt`` +
+Formats (docs/datasets.md, Layouts): CoOp's ``split_zhou_<Name>.json``; FGVCAircraft's ``images_variant_*.txt`` +
 ``variants.txt``; ImageNet's ``images/{train,val}/<wnid>/`` + ``classnames.txt``; and the test-only
 ImageNet variants (V2 numeric folders, Sketch/A/R wnid folders).
 """

@@ -6,7 +6,7 @@ the vision tower appends prompt tokens after the patches (after the positional e
 ``ln_pre``). A deep prompt for layer ``j >= 1`` replaces those slots before block ``j``; layers
 without one keep whatever the slots hold. A bias for layer ``j`` is added to every token's update
 after the attention and/or the MLP of block ``j``. A weight delta for layer ``j`` wraps one of block
-``j``'s linear maps (q, k, v, out, fc, proj: `mmprompt.attention.Projection`): the frozen map's
+``j``'s linear maps (q, k, v, out, fc, proj: `mmprompt.model.attention.Projection`): the frozen map's
 output plus the delta's output for the same input, as PEFT wraps a layer. No CLIP code is copied
 or patched.
 """

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .checkpoint_io import read_checkpoint
+from ..model.checkpoint_io import read_checkpoint
 from .guards import config_value
 
 log = logging.getLogger(__name__)

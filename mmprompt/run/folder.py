@@ -6,7 +6,7 @@
 - `SaveOnSigterm`: Lightning stops the loops on SIGTERM by raising `SIGTERMException`, a
   ``SystemExit`` with no code, so the process used to exit 0 with no checkpoint of the last steps.
   The callback saves ``checkpoints/last.ckpt`` on every rank's ``on_exception`` (the save is a
-  collective), and `mmprompt.cli.main` turns the exception into status `SIGTERM_STATUS`.
+  collective), and `mmprompt.run.cli.main` turns the exception into status `SIGTERM_STATUS`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .files import is_write_error, unwritable
+from ..files import is_write_error, unwritable
 
 LOCK_FILE = ".mmprompt.lock"
 #: the status of a run stopped by SIGTERM (128 + 15, what a shell reports for a process killed by it)

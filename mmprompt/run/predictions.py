@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from .tables import write_csv
+from ..tables import write_csv
 
 PREDICTIONS_PATTERN = "predictions_{name}.csv"
 Row = dict[str, Any]

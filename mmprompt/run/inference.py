@@ -23,12 +23,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from .checkpoint_io import read_checkpoint
-from .classes import ClassSet
-from .data.images import ImageFiles, check_readable, expand_image_paths, open_image
-from .data.registry import ensemble_templates
-from .data.transforms import build_transform
-from .module import PromptCLIPModule, class_set_from_record
+from ..classes import ClassSet
+from ..data.images import ImageFiles, check_readable, expand_image_paths, open_image
+from ..data.registry import ensemble_templates
+from ..data.transforms import build_transform
+from ..model.checkpoint_io import read_checkpoint
+from ..model.module import PromptCLIPModule, class_set_from_record
 
 ImageInput = str | os.PathLike | Image.Image
 #: the class set of images classified outside a dataset (``predictions_images.csv``)
@@ -234,7 +234,7 @@ def predict_images(trainer: Any, model: PromptCLIPModule, datamodule: Any, confi
     """``mmprompt predict --images ...``: rank the images over the checkpoint's classes (or ``--classes``),
     writing ``predictions_images.csv`` through the run's `PredictionWriter` and, with ``--overlay``,
     one attention overlay per image."""
-    from .analysis.overlays import ImageOverlayWriter
+    from ..analysis.overlays import ImageOverlayWriter
     from .predictions import PredictionWriter
 
     if ckpt_path is not None and not Path(ckpt_path).is_file():

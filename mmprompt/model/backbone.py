@@ -18,8 +18,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-BUNDLED_CONFIG_DIR = Path(__file__).parent / "model_configs"
-BUNDLED_WEIGHTS_DIR = Path(__file__).parent / "weights"
+BUNDLED_CONFIG_DIR = Path(__file__).parents[1] / "model_configs"  # package data of mmprompt/ (setup.cfg)
+BUNDLED_WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
 #: pretrained tags whose weights ship in the package: (model_name, tag) -> file in BUNDLED_WEIGHTS_DIR
 BUNDLED_PRETRAINED = {("mmprompt-tiny", "synthetic-world"): "mmprompt-tiny-synthetic-world.pt"}
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")

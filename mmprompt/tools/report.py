@@ -11,9 +11,10 @@ results of different models never share a table), then by method, dataset and sh
 * transfer tables (cross-dataset / domain generalisation): accuracy per target dataset, the source
   (ImageNet) first and excluded from the target average.
 
-Base-to-novel tables of ViT-B/16 with OpenAI weights carry the published reference numbers of
-SPEC §7 as extra rows marked "(published)"; tables of other backbones don't. Std is the sample std over seeds (ddof=1, as papers report with 3 seeds) unless
-``--std population`` is given; a single seed has no sample std and shows none.
+Base-to-novel tables of ViT-B/16 with OpenAI weights carry the numbers the methods' papers report
+(ViT-B/16, 16 shots; listed in docs/protocols.md, Report) as extra rows marked "(published)"; tables
+of other backbones don't. Std is the sample std over seeds (ddof=1, as papers report with 3 seeds)
+unless ``--std population`` is given; a single seed has no sample std and shows none.
 
 Nothing is skipped silently: an unreadable or incomplete ``results.json`` stops the report with a
 message naming every bad file, or, with ``--skip_invalid``, is listed as a warning on stderr and in
@@ -38,14 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .data.protocol import normalise_name  # torch-free: the data package imports lazily
-from .data.registry import (
+from ..data.protocol import normalise_name  # torch-free: the data package imports lazily
+from ..data.registry import (
     BASE2NEW, CROSS_DATASET, DOMAIN_GENERALIZATION, dataset_key, protocol_datasets, specs, transfer_source,
 )
-from .methods import methods
+from ..methods import methods
+from ..results import RESULTS_FILE, harmonic_mean
+from ..tables import markdown_grid, write_csv as write_records_csv, write_markdown
 from .report_stats import Interval, bootstrap_accuracy, bootstrap_hm, marked, paired_difference, t_interval
-from .results import RESULTS_FILE, harmonic_mean
-from .tables import markdown_grid, write_csv as write_records_csv, write_markdown
 
 SOURCE_DATASET = transfer_source()
 TRANSFER_PROTOCOL_PREFIXES = (CROSS_DATASET, DOMAIN_GENERALIZATION)
@@ -55,7 +56,7 @@ STANDARD_DATASETS: tuple[str, ...] = protocol_datasets(BASE2NEW)
 KNOWN_DATASETS: tuple[str, ...] = tuple(spec.key for spec in specs() if spec.protocols or spec.transfer_source)
 
 
-# -- published references (SPEC §7: ViT-B/16, 16 shots, base-to-novel) --------------------------------
+# -- published references (the papers' base-to-novel numbers: ViT-B/16, 16 shots) ---------------------
 
 @dataclass(frozen=True)
 class Published:
@@ -81,7 +82,7 @@ PUBLISHED_BACKBONE = "ViT-B-16"  # the published rows are ViT-B/16 with OpenAI w
 
 
 def matches_published(backbone: str, pretrained: str | None) -> bool:
-    """True when results are comparable with SPEC §7's rows: ViT-B/16 (QuickGELU or not), OpenAI weights."""
+    """True when results are comparable with the published rows: ViT-B/16 (QuickGELU or not), OpenAI weights."""
     return backbone.removesuffix("-quickgelu") == PUBLISHED_BACKBONE and pretrained == "openai"
 
 
@@ -376,7 +377,7 @@ def base_new_table(protocol: str, runs: Sequence[RunResult], ddof: int) -> Table
             published_row(table, ref)
     table.notes.append("HM = HM of the seed-mean base and novel accuracies; average rows: HM of the "
                        "dataset-averaged base and novel accuracies. " + (
-                           "Published: SPEC §7 (ViT-B/16, 16 shots)." if references else
+                           "Published: the methods' papers (ViT-B/16, 16 shots)." if references else
                            "No published rows: they are ViT-B/16 with OpenAI weights, this table is not."))
     return table
 
@@ -460,7 +461,7 @@ def build_tables(runs: Sequence[RunResult], ddof: int = 1) -> list[Table]:
     return tables
 
 
-# -- intervals and paired differences (mmprompt.report_stats) -----------------------------------------
+# -- intervals and paired differences (mmprompt.tools.report_stats) -----------------------------------------
 
 ZERO_SHOT_LABEL = "ZeroShot"  # nothing in zero-shot CLIP depends on the seed: one run pairs with every seed
 METRIC_NAMES = {"test/base/acc": "base", "test/new/acc": "novel", "test/hm": "HM", "test/all/acc": "accuracy"}
@@ -479,7 +480,7 @@ def image_counts(run_dir: Path) -> dict[str, int]:
     file (base = the first ⌈n/2⌉ labels); empty when either can't be read (then no bootstrap)."""
     import yaml  # the report reads YAML only here
 
-    from .data.registry import get_spec
+    from ..data.registry import get_spec
 
     try:
         data = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}

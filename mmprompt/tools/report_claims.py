@@ -3,7 +3,7 @@
 Runs are told apart by their **variant**: the run folder is ``<variant>-<dataset>/seed<k>`` (the sweep
 names a run after its method config's stem, e.g. ``bias_1152``), and a variant's trailing number is
 its trainable-parameter budget (configs/budgets/). Each claim is a difference that should be > 0,
-measured per dataset as a paired t-interval over seeds (`mmprompt.report_stats`):
+measured per dataset as a paired t-interval over seeds (`mmprompt.tools.report_stats`):
 
 | claim | difference (HM of base and novel accuracy per seed, or fg_ratio) |
 |---|---|
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..results import harmonic_mean
+from ..tables import markdown_grid, write_csv, write_markdown
 from .report_stats import LEVEL, Interval, paired_difference, t_interval, verdict, welch_difference
-from .results import harmonic_mean
-from .tables import markdown_grid, write_csv, write_markdown
 
 ZERO_SHOT = "ZeroShot"
 PROMPTS = ("vpt_deep", "ivlp", "maple")  # the prompt families, compared with bias tuning at equal budget

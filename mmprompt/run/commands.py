@@ -2,7 +2,7 @@
 and runs the tools (`TOOLS`) with only the imports each needs (``report``, ``sweep``, ``methods``:
 none of torch, so they start in a fraction of a second).
 
-The Lightning stages and the analysis aliases go to `mmprompt.cli.main`; only that import pays for
+The Lightning stages and the analysis aliases go to `mmprompt.run.cli.main`; only that import pays for
 torch, Lightning and open_clip (~5-9 s).
 """
 
@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Any, Callable
 
-from . import __version__
-from .files import UnreadableFile, UnwritableFile, is_write_error, unwritable
+from .. import __version__
+from ..files import UnreadableFile, UnwritableFile, is_write_error, unwritable
 from .guards import error_text
 
 #: errors the user can fix (a bad option, a missing file): one line on stderr, status 2
@@ -23,15 +23,15 @@ ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, FileNotFoundError, FileExistsError
 
 #: subcommands that are plain functions ``main(argv) -> int | Any`` rather than Lightning stages
 TOOLS: dict[str, tuple[str, str]] = {
-    "report": ("mmprompt.report", "gather finished runs into paper-style tables"),
-    "sweep": ("mmprompt.sweep", "run a protocol sweep (methods × datasets × seeds), resumably"),
+    "report": ("mmprompt.tools.report", "gather finished runs into paper-style tables"),
+    "sweep": ("mmprompt.tools.sweep", "run a protocol sweep (methods × datasets × seeds), resumably"),
     "check-data": ("mmprompt.data.check", "check a dataset tree before training"),
     "make-split": ("mmprompt.data.custom", "write a split file from a class-per-folder tree"),
-    "methods": ("mmprompt.method_table", "list the registered methods (name, class, defaults, trainable parameters)"),
-    "export": ("mmprompt.export", "adapter-only safetensors + JSON; bias methods also as a plain open_clip model"),
+    "methods": ("mmprompt.tools.methods_table", "list the registered methods (name, class, defaults, trainable parameters)"),
+    "export": ("mmprompt.tools.export", "adapter-only safetensors + JSON; bias methods also as a plain open_clip model"),
 }
 #: short aliases: ``mmprompt test`` of a finished run with one analysis callback (class_path), written
-#: into that run's folder (`mmprompt.cli.analysis_main`)
+#: into that run's folder (`mmprompt.run.cli.analysis_main`)
 ALIASES: dict[str, tuple[str, str]] = {
     "interventions": ("mmprompt.analysis.InterventionTable", "test a run under every route intervention: one table"),
     "prompt-analysis": ("mmprompt.analysis.PromptAnalysis", "nearest words of text prompts; vision prompts vs fg/bg patches"),
@@ -89,7 +89,7 @@ def run_tool(command: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``mmprompt ...``: top-level help and version here; the tools import only what they need (report,
-    sweep and methods no torch, so they start at once); the Lightning stages go to `mmprompt.cli.main`."""
+    sweep and methods no torch, so they start at once); the Lightning stages go to `mmprompt.run.cli.main`."""
     args = list(sys.argv[1:] if argv is None else argv)
     status = answer_without_imports(args)
     if status is not None:

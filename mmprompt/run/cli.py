@@ -28,24 +28,24 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .backbone import BUNDLED_PRETRAINED
-from .checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from ..data.datamodule import FewShotDataModule
+from ..files import UnreadableFile, is_write_error, unwritable
+from ..model.backbone import BUNDLED_PRETRAINED
+from ..model.checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from ..model.module import PromptCLIPModule
+from ..results import RESULTS_FILE
+from ..tables import write_json_atomic
 from .commands import ALIASES, TOOLS, answer_without_imports, run_tool, shown_without_traceback
-from .data.datamodule import FewShotDataModule
-from .files import UnreadableFile, is_write_error, unwritable
+from .config import (PRETRAINED_WEIGHTS_FILE, absolute_path_options, ckpt_path_argument, options_given,
+                     refuse_renamed_options, upgrade_hyper_parameters, with_checkpoint_config)
+from .folder import SIGTERM_STATUS, RunLock, SaveOnSigterm, last_checkpoint_required, sigterm_message
 from .guards import (LAST_CKPT, checkpoint_model_options, check_config_files, config_paths, error_text, init_defaults,
                      is_global_rank_zero, outside_tiny_world, refuse_reused_run_dir)
-from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
 from .inference import add_image_options, checked_image_paths, images_as_one_value, predict_images
-from .module import PromptCLIPModule
+from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
+from .logs import KeepEarlierRowsCSVLogger
 from .predictions import PredictionWriter
-from .results import RESULTS_FILE
-from .run_config import (PRETRAINED_WEIGHTS_FILE, absolute_path_options, ckpt_path_argument, options_given,
-                         refuse_renamed_options, upgrade_hyper_parameters, with_checkpoint_config)
-from .run_folder import SIGTERM_STATUS, RunLock, SaveOnSigterm, last_checkpoint_required, sigterm_message
-from .run_logs import KeepEarlierRowsCSVLogger
 from .shipped import with_shipped_configs
-from .tables import write_json_atomic
 
 log = logging.getLogger(__name__)
 RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it launches inherit it
@@ -57,7 +57,7 @@ def image_size_of(model_name: str) -> int:
     """The input size of an open_clip architecture, so data.image_size always matches the model."""
     import open_clip
 
-    from .backbone import register_bundled_configs
+    from ..model.backbone import register_bundled_configs
 
     register_bundled_configs()
     config = open_clip.get_model_config(model_name)
@@ -143,7 +143,7 @@ class MMPromptCLI(LightningCLI):
                 self.run_lock.release()
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        """Option errors raise (`mmprompt.cli.main` prints one line) instead of a usage dump; --help keeps it."""
+        """Option errors raise (`mmprompt.run.cli.main` prints one line) instead of a usage dump; --help keeps it."""
         return super().init_parser(**{"exit_on_error": False, **kwargs})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -176,7 +176,7 @@ class MMPromptCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces every model option with the checkpoint's; apply only those left at their
-        defaults and refuse a conflicting backbone (`mmprompt.guards.checkpoint_model_options`).
+        defaults and refuse a conflicting backbone (`mmprompt.run.guards.checkpoint_model_options`).
         (`with_checkpoint_config` already put the checkpoint's own config first.)"""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -267,7 +267,7 @@ class MMPromptCLI(LightningCLI):
         set aside (they describe the tuned model); every rank runs it, so DDP stays in step."""
         from lightning.pytorch.callbacks import ProgressBar
 
-        from .adapters import ZeroShot
+        from ..adapters import ZeroShot
 
         hparams = self.model.hparams
         baseline = PromptCLIPModule(ZeroShot(), model_name=hparams.model_name, pretrained=hparams.pretrained,
@@ -286,7 +286,7 @@ class MMPromptCLI(LightningCLI):
         self._write_results()
 
     def predict(self, model: PromptCLIPModule, datamodule: FewShotDataModule | None = None, **kwargs: Any) -> Any:
-        """The dataset's test split, or with ``--images`` the user's own images (`mmprompt.inference`)."""
+        """The dataset's test split, or with ``--images`` the user's own images (`mmprompt.run.inference`)."""
         config = self._run_config()
         if config.get("images") is None:
             return self.trainer.predict(model, datamodule=datamodule, **kwargs)
@@ -338,7 +338,7 @@ class PretrainCLI(MMPromptCLI):
 
 def pretrain_main(argv: list[str]) -> PretrainCLI:
     """``mmprompt pretrain [--config world.yaml] [--key value ...]`` = fit of `PretrainCLIP` on the captioned world."""
-    from .pretrain import PretrainCLIP, WorldDataModule
+    from ..model.pretrain import PretrainCLIP, WorldDataModule
 
     return PretrainCLI(PretrainCLIP, WorldDataModule, args=["fit", *with_shipped_configs(argv)], seed_everything_default=0,
                        save_config_kwargs={"overwrite": True})
@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def with_user_errors(run: Callable[[], int], command: str) -> int:
     """``run()``, with the errors of jsonargparse (a mistyped option: `MMPromptCLI.init_parser`) and of
-    Lightning's option checks as one-line errors, and SIGTERM as `SIGTERM_STATUS` (`mmprompt.run_folder`)."""
+    Lightning's option checks as one-line errors, and SIGTERM as `SIGTERM_STATUS` (`mmprompt.run.folder`)."""
     from argparse import ArgumentError
 
     from lightning.fabric.utilities.exceptions import MisconfigurationException

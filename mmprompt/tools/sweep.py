@@ -17,11 +17,11 @@ then ``mmprompt test`` that run's ``checkpoints/last.ckpt`` on each target. Zero
 ``mmprompt test`` runs without a checkpoint, planned for the first seed only (nothing in them depends
 on the seed). Everything after ``--`` is appended to every command, so it overrides the configs.
 
-``--preset claims`` runs the series of sweeps in ``configs/presets/claims.yaml`` (`mmprompt.sweep_preset`).
+``--preset claims`` runs the series of sweeps in ``configs/presets/claims.yaml`` (`mmprompt.tools.sweep_preset`).
 ``--dry-run`` prints the plan, ``--print-commands`` prints only the commands still to run (one per
 line, for a cluster scheduler), otherwise the commands run one after another, or with ``--devices 0 1
 2 3`` in parallel, one per GPU (``CUDA_VISIBLE_DEVICES``), or with ``--launcher slurm`` as one SLURM job
-array through submitit (`mmprompt.sweep_cluster`), and ``mmprompt report`` summarises ``out_dir`` at
+array through submitit (`mmprompt.tools.sweep_cluster`), and ``mmprompt report`` summarises ``out_dir`` at
 the end.
 """
 
@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..data.registry import BASE2NEW, PROTOCOLS, protocol_datasets, transfer_source
+from ..methods import label_of, method_names
+from ..results import RESULTS_FILE
+from ..run.shipped import default_configs_dir
 from . import report
-from .data.registry import BASE2NEW, PROTOCOLS, protocol_datasets, transfer_source
-from .methods import label_of, method_names
-from .results import RESULTS_FILE
-from .shipped import default_configs_dir
 
 SOURCE_DATASET = transfer_source()
 #: default datasets (targets, for transfer protocols) per protocol: the dataset specs' membership

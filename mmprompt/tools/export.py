@@ -26,9 +26,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .encoders import Injection
-from .files import write_bytes_atomic
-from .tables import write_json_atomic
+from ..files import write_bytes_atomic
+from ..model.encoders import Injection
+from ..tables import write_json_atomic
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -42,7 +42,7 @@ def export_adapter(module: Any, out_dir: Path) -> list[Path]:
     """Write ``adapter.safetensors`` + ``adapter_config.json`` of a PromptCLIPModule into ``out_dir``."""
     from safetensors.torch import save
 
-    from .module import ADAPTER_PREFIX
+    from ..model.module import ADAPTER_PREFIX
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {key[len(ADAPTER_PREFIX):]: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
@@ -55,11 +55,11 @@ def load_adapter(folder: str | Path, clip: nn.Module | None = None) -> Any:
     """A ready PromptCLIPModule (eval mode, class sets from the export) from an exported adapter.
 
     ``clip`` is any open_clip model of the exported architecture (its weights are used, frozen);
-    None builds the exported ``model_name``/``pretrained`` with `mmprompt.backbone.load_clip`.
+    None builds the exported ``model_name``/``pretrained`` with `mmprompt.model.backbone.load_clip`.
     """
     from safetensors.torch import load_file
 
-    from .module import ADAPTER_PREFIX, PromptCLIPModule, build_adapter, class_set_from_record
+    from ..model.module import ADAPTER_PREFIX, PromptCLIPModule, build_adapter, class_set_from_record
 
     folder = Path(folder)
     described = json.loads((folder / ADAPTER_CONFIG).read_text())
@@ -140,9 +140,9 @@ def export_open_clip(module: Any, out_dir: Path) -> Path:
 def export_checkpoint(ckpt_path: Path, out_dir: Path, form: str = "auto", overwrite: bool = False) -> list[Path]:
     """Export a checkpoint: the adapter form always (unless ``form="open_clip"``), the folded form when
     possible; into an empty ``out_dir`` unless ``overwrite`` (`clear_out_dir`)."""
-    from .checkpoint_io import read_checkpoint
-    from .module import PromptCLIPModule
-    from .run_config import is_pretraining_checkpoint, pretraining_checkpoint_error
+    from ..model.checkpoint_io import read_checkpoint
+    from ..model.module import PromptCLIPModule
+    from ..run.config import is_pretraining_checkpoint, pretraining_checkpoint_error
 
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")

@@ -23,12 +23,12 @@ from typing import Any, Sequence
 
 import yaml
 
+from ..run.shipped import default_configs_dir
 from . import report
 from .sweep import (
     Runner, SweepConfig, SweepSummary, execute, missing_configs, plan_sweep, dry_run_lines, split_extra,
     subprocess_runner,
 )
-from .shipped import default_configs_dir
 
 
 class PresetError(ValueError):

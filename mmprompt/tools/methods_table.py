@@ -21,9 +21,9 @@ from typing import Any, Sequence
 
 import yaml
 
-from .methods import MethodInfo, methods
-from .shipped import shipped_configs_dir
-from .tables import markdown_grid, write_markdown
+from ..methods import MethodInfo, methods
+from ..run.shipped import shipped_configs_dir
+from ..tables import markdown_grid, write_markdown
 
 #: the model the docs count parameters on (CLIP's ViT-B/16, as the papers report)
 DOCS_MODEL = "ViT-B-16-quickgelu"
@@ -123,9 +123,9 @@ def options_text(row: MethodRow) -> str:
 def count_parameters(rows: Sequence[MethodRow], model_name: str) -> dict[str, int | str]:
     """Trainable parameters of each method's default adapter on ``model_name`` (random weights), or the
     formula of a count that depends on the training set (``"K·C·512"``)."""
-    from .adapters import BuildContext
-    from .backbone import BackboneSpec, get_tokenizer, load_clip
-    from .module import word_embedder
+    from ..adapters import BuildContext
+    from ..model.backbone import BackboneSpec, get_tokenizer, load_clip
+    from ..model.module import word_embedder
 
     clip = load_clip(model_name, pretrained=None)
     context = BuildContext(BackboneSpec.from_clip(clip, model_name), word_embedder(clip, get_tokenizer(model_name)))
@@ -135,7 +135,7 @@ def count_parameters(rows: Sequence[MethodRow], model_name: str) -> dict[str, in
 def built_count(row: MethodRow, context: Any) -> int | str:
     """One method's trainable parameters once built against ``context`` (a `BuildContext`), or their
     formula when they depend on the training set (`mmprompt.adapters.base.Adapter.parameter_formula`)."""
-    from .module import build_adapter
+    from ..model.module import build_adapter
 
     adapter = build_adapter({"class_path": row.class_path, "init_args": row.init_args})
     adapter.build(context)

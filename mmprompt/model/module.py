@@ -20,17 +20,17 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
-from . import __version__
-from .adapters.base import Adapter, BuildContext, PreparationContext, TrainingStep, check_fold_declaration
+from .. import __version__
+from ..adapters.base import Adapter, BuildContext, PreparationContext, TrainingStep, check_fold_declaration
+from ..classes import ClassSet, ProvidesClassSets, ProvidesTrainingSet
+from ..results import harmonic_mean
+from ..run.config import current_init_args, upgrade_hyper_parameters
 from .attention import AttendFn, fused_attention, softmax_attention
 from .backbone import BackboneSpec, freeze, get_tokenizer, load_clip, shape_mismatches, shapes_of
 from .checkpoint_io import read_checkpoint
-from .classes import ClassSet, ProvidesClassSets, ProvidesTrainingSet
 from .encoders import (
     NO_INJECTION, EncoderOptions, TokenizedPrompts, check_supported_blocks, encode_image, encode_text, tokenize_prompts,
 )
-from .results import harmonic_mean
-from .run_config import current_init_args, upgrade_hyper_parameters
 from .schedule import warmup_cosine_factor
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class PromptCLIPModule(L.LightningModule):
         cosine_epochs: the cosine's T_max in epochs; null means trainer.max_epochs.
         cosine_interval: "epoch" steps the warm-up and cosine once per epoch (Dassl); "step" once per
             optimiser step over the same epochs (PyTorch's CosineAnnealingLR stepped per iteration).
-        speed: how the encoders run (`mmprompt.encoders.EncoderOptions`: attention kernel, text
+        speed: how the encoders run (`mmprompt.model.encoders.EncoderOptions`: attention kernel, text
             chunks, truncation, pruning, shared prefix, caching); every option is exact. In YAML
             ``speed: {text_chunk_size: 250}``; a dict works in Python too.
     """
@@ -658,7 +658,7 @@ class PromptCLIPModule(L.LightningModule):
         (adapter options, the speed flags now under ``speed``) with the current names.
 
         Lightning builds the module from the saved hyper-parameters before any hook runs, so the upgraded
-        ones (`mmprompt.run_config.upgrade_hyper_parameters`) are passed as arguments, which win over the
+        ones (`mmprompt.run.config.upgrade_hyper_parameters`) are passed as arguments, which win over the
         saved ones; arguments given here win over both. A file object or remote path is loaded as it is.
         """
         if hparams_file is None and isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .files import UnreadableFile, unwritable
+from ..files import UnreadableFile, unwritable
 
 
 def checked_checkpoint(loaded: Any, path: str | os.PathLike) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """PNG figures of ``mmprompt report --figures`` (matplotlib, Agg): accuracy per dataset with intervals,
 [cls] fg_ratio per layer per method with intervals, accuracy against trainable-parameter budget.
 
-Every bar, point and band is a mean with its t-interval over seeds (`mmprompt.report_stats`); zero-shot
+Every bar, point and band is a mean with its t-interval over seeds (`mmprompt.tools.report_stats`); zero-shot
 CLIP has one run and no interval. Imported only when figures are asked for: matplotlib is slow to load.
 """
 

@@ -25,9 +25,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..data.world import COLOURS, SHAPES, world_sample
 from .backbone import get_tokenizer, load_clip, register_bundled_configs
 from .checkpoint_io import AtomicCheckpointIO
-from .data.world import COLOURS, SHAPES, world_sample
 from .encoders import TokenizedPrompts, encode_image, encode_text
 
 VALIDATION_SEED_OFFSET = 1_000_003  # the held-out stream: another seed, never drawn in training

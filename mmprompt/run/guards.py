@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from .results import RESULTS_FILE
+from ..results import RESULTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def init_defaults(cls: type) -> dict[str, Any]:
 
 def plain_option(value: Any) -> Any:
     """An option as plain data, so parsed, default and saved values compare: a jsonargparse
-    Namespace or an options object (`mmprompt.encoders.EncoderOptions`) becomes a dict."""
+    Namespace or an options object (`mmprompt.model.encoders.EncoderOptions`) becomes a dict."""
     return value.as_dict() if callable(getattr(value, "as_dict", None)) else value
 
 
