@@ -41,7 +41,7 @@ from .module import PromptCLIPModule
 from .predictions import PredictionWriter
 from .results import RESULTS_FILE
 from .run_config import (PRETRAINED_WEIGHTS_FILE, absolute_path_options, ckpt_path_argument, options_given,
-                         refuse_renamed_options, upgrade_hyper_parameters, with_checkpoint_config)
+                         with_checkpoint_config)
 from .run_folder import SIGTERM_STATUS, RunLock, SaveOnSigterm, last_checkpoint_required, sigterm_message
 from .run_logs import KeepEarlierRowsCSVLogger
 from .shipped import with_shipped_configs
@@ -169,9 +169,6 @@ class MMPromptCLI(LightningCLI):
         if isinstance(given, list):
             check_config_files(given)  # first: the readers below skip a config that is not a YAML mapping
         self.one_batch_limits = one_batch_limits(given) if isinstance(given, list) else []
-        if isinstance(given, list):
-            if issubclass(self.model_class, PromptCLIPModule):  # the former names are its options (not pretrain's)
-                refuse_renamed_options(given)
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
@@ -182,8 +179,7 @@ class MMPromptCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        # written before the option renames: compare under the current names (with_checkpoint_config told the user)
-        saved = upgrade_hyper_parameters(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        saved = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
         model = self.config[subcommand].model
         given = {key: plain(model.get(key)) for key in saved if key in model}
         updates = checkpoint_model_options(given, saved, init_defaults(self.model_class), ckpt_path)

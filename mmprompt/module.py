@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterator, Literal, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -24,13 +23,11 @@ from . import __version__
 from .adapters.base import Adapter, BuildContext, PreparationContext, TrainingStep, check_fold_declaration
 from .attention import AttendFn, fused_attention, softmax_attention
 from .backbone import BackboneSpec, freeze, get_tokenizer, load_clip, shape_mismatches, shapes_of
-from .checkpoint_io import read_checkpoint
 from .classes import ClassSet, ProvidesClassSets, ProvidesTrainingSet
 from .encoders import (
     NO_INJECTION, EncoderOptions, TokenizedPrompts, check_supported_blocks, encode_image, encode_text, tokenize_prompts,
 )
 from .results import harmonic_mean
-from .run_config import current_init_args, upgrade_hyper_parameters
 from .schedule import warmup_cosine_factor
 
 log = logging.getLogger(__name__)
@@ -88,15 +85,14 @@ def word_embedder(clip: torch.nn.Module, tokenizer: Callable[[list[str]], Tensor
 
 
 def build_adapter(config: dict[str, Any]) -> Adapter:
-    """An adapter from its ``{class_path, init_args}`` (what checkpoints and exports store; former
-    option names, from files written before the renames, are read with the current ones)."""
+    """An adapter from its ``{class_path, init_args}`` (what checkpoints and exports store)."""
     import importlib
 
     module_name, _, class_name = config["class_path"].rpartition(".")
     adapter_class = getattr(importlib.import_module(module_name), class_name, None)
     if not (isinstance(adapter_class, type) and issubclass(adapter_class, Adapter)):
         raise ValueError(f"adapter class_path {config['class_path']!r} is not an mmprompt Adapter")
-    return adapter_class(**current_init_args(config.get("init_args") or {}))
+    return adapter_class(**(config.get("init_args") or {}))
 
 
 @dataclass
@@ -649,26 +645,6 @@ class PromptCLIPModule(L.LightningModule):
         hparams.setdefault("_instantiator", CHECKPOINT_INSTANTIATOR)
         # Lightning does not save RNG states; with them a resumed run draws the same batches and crops
         checkpoint["rng_states"] = rng_snapshot()
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike | IO, map_location: Any = None,
-                             hparams_file: str | os.PathLike | None = None, strict: bool | None = None,
-                             weights_only: bool | None = None, **kwargs: Any) -> "PromptCLIPModule":
-        """Lightning's ``load_from_checkpoint``, reading a checkpoint written before options were renamed
-        (adapter options, the speed flags now under ``speed``) with the current names.
-
-        Lightning builds the module from the saved hyper-parameters before any hook runs, so the upgraded
-        ones (`mmprompt.run_config.upgrade_hyper_parameters`) are passed as arguments, which win over the
-        saved ones; arguments given here win over both. A file object or remote path is loaded as it is.
-        """
-        if hparams_file is None and isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path):
-            checkpoint = read_checkpoint(checkpoint_path) if weights_only is not False else \
-                torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-            saved = checkpoint.get("hyper_parameters") or {}
-            upgraded = upgrade_hyper_parameters(saved, source=str(checkpoint_path))
-            kwargs = {**{key: value for key, value in upgraded.items() if saved.get(key) != value}, **kwargs}
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
-                                            strict=strict, weights_only=weights_only, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:

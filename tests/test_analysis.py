@@ -24,7 +24,7 @@ from mmprompt.analysis.statistics import patch_attention
 from mmprompt.data.masks import mask_to_patch_grid
 from mmprompt.analysis.decomposition import decompose_scores, rows_seeing_prompts
 from mmprompt.attention import AttentionSite, fused_attention, softmax_attention
-from mmprompt.data.protocol import ClassSet
+from mmprompt.classes import ClassSet
 from mmprompt.data.transforms import build_transform, transform_pair
 from mmprompt.encoders import Injection, encode_image
 from mmprompt.module import PromptCLIPModule

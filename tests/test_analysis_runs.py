@@ -162,13 +162,13 @@ def test_interventions_alias_is_mmprompt_test_of_a_run_with_the_table(data_root,
     # in place: no new run folder, results.json or config, and the run's own callbacks (statistics) left out
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "checkpoints", "config.yaml", "interventions.csv", "interventions.md"]
-    # the untrained adapter only when asked; --output_dir is the former spelling of --out_dir
+    # the untrained adapter only when asked
     (tmp_path / "copy").mkdir()
     (tmp_path / "copy" / "config.yaml").write_text(config.read_text())
     assert main(["interventions", "--config", str(tmp_path / "copy" / "config.yaml"), "--modes", "full"]) == 2
     assert "--allow_no_checkpoint" in capsys.readouterr().err
     assert main(["interventions", "--config", str(tmp_path / "copy" / "config.yaml"), "--modes", "full",
-                 "--limit_test_batches", "1", "--output_dir", str(tmp_path / "untrained"), "--allow_no_checkpoint"]) == 0
+                 "--limit_test_batches", "1", "--out_dir", str(tmp_path / "untrained"), "--allow_no_checkpoint"]) == 0
     untrained = (tmp_path / "untrained" / "interventions.csv").read_text().splitlines()[1].split(",")
     assert float(untrained[3]) != pytest.approx(expected["test/all/acc"])
     assert main(["interventions", "--config", str(config), "--modes", "bias"]) == 2  # one line, no usage dump

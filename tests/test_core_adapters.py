@@ -14,7 +14,7 @@ from mmprompt.adapters import (
 )
 from mmprompt.adapters.base import PreparationContext
 from mmprompt import method_table
-from mmprompt.data.protocol import ClassSet
+from mmprompt.classes import ClassSet
 from mmprompt.module import PromptCLIPModule, word_embedder
 
 TINY = "mmprompt-tiny"

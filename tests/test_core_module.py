@@ -11,7 +11,7 @@ import torch
 from mmprompt import encoders
 from mmprompt.adapters import BiasTuning, CoCoOp, CoOp, MaPLe, VPTDeep
 from mmprompt.data import FewShotDataModule
-from mmprompt.data.protocol import ClassSet
+from mmprompt.classes import ClassSet
 from mmprompt.module import PromptCLIPModule, harmonic_mean
 from mmprompt.schedule import warmup_cosine_factor
 

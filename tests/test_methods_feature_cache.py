@@ -22,7 +22,7 @@ from mmprompt.adapters.tip_adapter import class_digest, search_alpha_beta, searc
 from mmprompt.analysis import AttentionAccumulator, StatisticsProbe
 from mmprompt.analysis.statistics import summary_table
 from mmprompt.data import FewShotDataModule
-from mmprompt.data.protocol import ClassSet
+from mmprompt.classes import ClassSet
 from mmprompt.export import export_adapter, export_open_clip, load_adapter
 from mmprompt.module import PromptCLIPModule
 

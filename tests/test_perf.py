@@ -12,7 +12,7 @@ import torch
 
 from mmprompt.adapters import IVLP, BiasTuning, CoCoOp, CoOp, CoupledBiasTuning, LoRA, MaPLe, VPTDeep, ZeroShot
 from mmprompt.attention import softmax_attention
-from mmprompt.data.protocol import ClassSet
+from mmprompt.classes import ClassSet
 from mmprompt.encoders import encode_image, encode_text, length_buckets, tokenize_prompts
 from mmprompt.module import PromptCLIPModule
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..encoders import Injection
 from ..methods import register_method
-from .base import Adapter, BuildContext, check_layers_option, select_layers
+from .base import Adapter, BuildContext, select_layers
 
 Branch = Literal["both", "text", "vision"]
 Placement = Literal["attn", "mlp", "both"]
@@ -49,7 +49,6 @@ class BiasTuning(Adapter):
         super().__init__()
         if branch not in ("both", "text", "vision"):
             raise ValueError(f"branch must be 'both', 'text' or 'vision', got {branch!r}")
-        check_layers_option(layers)
         self.depth, self.layers, self.branch, self.placement, self.init_std = depth, layers, branch, placement, init_std
         self.places = places_of(placement)
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..attention import PROJECTIONS, Projection
 from ..encoders import Injection
 from ..methods import register_method
-from .base import Adapter, BuildContext, check_layers_option, select_layers
+from .base import Adapter, BuildContext, select_layers
 
 Branches = Literal["both", "text", "vision"]
 #: (input, output) widths of each projection in units of the tower's width (the MLP is 4× wide)
@@ -75,7 +75,6 @@ class LoRA(Adapter):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if branch not in ("both", "text", "vision"):
             raise ValueError(f"branch must be 'both', 'text' or 'vision', got {branch!r}")
-        check_layers_option(layers)
         self.projections = tuple(projections) if projections is not None else ("q", "k", "v")
         unknown = [name for name in self.projections if name not in PROJECTIONS]
         if unknown or not self.projections:
