@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from jsonargparse import Namespace
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -30,16 +29,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from .backbone import BUNDLED_PRETRAINED
 from .checkpoint_io import AtomicCheckpointIO, read_checkpoint
-from .commands import ALIASES, TOOLS, answer_without_imports, run_tool, shown_without_traceback
+from .commands import ALIASES, main  # noqa: F401 (main: the one entry point, importable from here too)
 from .data.datamodule import FewShotDataModule
 from .files import UnreadableFile, is_write_error, unwritable
-from .guards import (LAST_CKPT, checkpoint_model_options, check_config_files, config_paths, error_text, init_defaults,
-                     is_global_rank_zero, outside_tiny_world, refuse_reused_run_dir)
+from .guards import (checkpoint_model_options, check_config_files, config_paths, error_text, init_defaults,
+                     is_global_rank_zero, outside_tiny_world, plain_option, refuse_reused_run_dir)
 from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
 from .inference import add_image_options, checked_image_paths, images_as_one_value, predict_images
 from .module import PromptCLIPModule
 from .predictions import PredictionWriter
-from .results import RESULTS_FILE
+from .results import LAST_CKPT, RESULTS_FILE
 from .run_config import (PRETRAINED_WEIGHTS_FILE, absolute_path_options, ckpt_path_argument, options_given,
                          with_checkpoint_config)
 from .run_folder import SIGTERM_STATUS, RunLock, SaveOnSigterm, last_checkpoint_required, sigterm_message
@@ -65,11 +64,6 @@ def image_size_of(model_name: str) -> int:
         raise ValueError(f"unknown model.model_name {model_name!r}; see open_clip.list_models()")
     size = config["vision_cfg"]["image_size"]
     return size[0] if isinstance(size, (list, tuple)) else size
-
-
-def plain(value: Any) -> Any:
-    """A parsed option as the plain types a checkpoint stores (a class_path/init_args Namespace as a dict)."""
-    return value.as_dict() if isinstance(value, Namespace) else value
 
 
 def next_free_version(parent: Path) -> str:
@@ -143,7 +137,7 @@ class MMPromptCLI(LightningCLI):
                 self.run_lock.release()
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        """Option errors raise (`mmprompt.cli.main` prints one line) instead of a usage dump; --help keeps it."""
+        """Option errors raise (`mmprompt.commands.main` prints one line) instead of a usage dump; --help keeps it."""
         return super().init_parser(**{"exit_on_error": False, **kwargs})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -181,7 +175,7 @@ class MMPromptCLI(LightningCLI):
             return
         saved = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
         model = self.config[subcommand].model
-        given = {key: plain(model.get(key)) for key in saved if key in model}
+        given = {key: plain_option(model.get(key)) for key in saved if key in model}
         updates = checkpoint_model_options(given, saved, init_defaults(self.model_class), ckpt_path)
         if updates:
             self.config = self.parser.parse_object({subcommand: {"model": updates}}, self.config)
@@ -221,7 +215,7 @@ class MMPromptCLI(LightningCLI):
             callbacks.append(ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True,
                                              enable_version_counter=False))
         if self.subcommand == "fit":
-            callbacks.append(SaveOnSigterm(self.run_dir / "checkpoints" / "last.ckpt"))
+            callbacks.append(SaveOnSigterm(self.run_dir / LAST_CKPT))
         if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in callbacks):
             callbacks.append(PredictionWriter(self.run_dir))
         if kwargs.get("logger", trainer_config.get("logger")) and self.subcommand == "fit":
@@ -497,7 +491,7 @@ def run_folder_of(config: Path | None, ckpt_path: str | None) -> Path:
 def default_checkpoint(config_path: Path, allow_missing: bool = False) -> str | None:
     """``checkpoints/last.ckpt`` of the run folder holding the config. Without one the numbers would
     be the untrained adapter's, so that is an error unless ``allow_missing`` (``--allow_no_checkpoint``)."""
-    path = config_path.parent / "checkpoints" / "last.ckpt"
+    path = config_path.parent / LAST_CKPT
     if path.is_file():
         return str(path)
     if not allow_missing:
@@ -568,26 +562,19 @@ def cli_main(args: list[str] | None = None) -> MMPromptCLI:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Every ``mmprompt`` subcommand (the entry point sends only the Lightning stages and aliases here)."""
-    from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    quick = answer_without_imports(argv)
-    if quick is not None:
-        return quick
+def run_lightning_command(argv: list[str]) -> int:
+    """A Lightning stage, ``pretrain`` or an analysis alias (`mmprompt.commands.main` sends them here)."""
 
     def run() -> int:
-        if argv[0] in TOOLS:
-            return run_tool(argv[0], argv[1:])
         if argv[0] in ALIASES:
             analysis_main(argv[0], argv[1:])
         elif argv[0] == "pretrain":
             pretrain_main(argv[1:])
         else:
-            cli_main(None if from_command_line else argv)
+            cli_main(argv)
         return 0
 
-    return shown_without_traceback(lambda: with_user_errors(run, argv[0]))
+    return with_user_errors(run, argv[0])
 
 
 def with_user_errors(run: Callable[[], int], command: str) -> int:
@@ -619,4 +606,4 @@ NO_DEVICE_MESSAGES = ("No supported gpu backend found", "can not run on your sys
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main())  # the entry point, `mmprompt.commands.main`

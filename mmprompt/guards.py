@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from .results import RESULTS_FILE
+from .results import LAST_CKPT, RESULTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,6 @@ CONFIG_FLAGS = ("--config", "-c")
 IDENTITY_OPTIONS = ("model_name", "force_quick_gelu")
 #: entries LightningCLI stores in ``hyper_parameters`` that are not model options
 NOT_MODEL_OPTIONS = ("_instantiator", "_class_path")
-LAST_CKPT = Path("checkpoints") / "last.ckpt"
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID")
 
 

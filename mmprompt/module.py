@@ -27,7 +27,7 @@ from .classes import ClassSet, ProvidesClassSets, ProvidesTrainingSet
 from .encoders import (
     NO_INJECTION, EncoderOptions, TokenizedPrompts, check_supported_blocks, encode_image, encode_text, tokenize_prompts,
 )
-from .results import harmonic_mean
+from .results import percent_accuracies
 from .schedule import warmup_cosine_factor
 
 log = logging.getLogger(__name__)
@@ -539,16 +539,14 @@ class PromptCLIPModule(L.LightningModule):
 
     def _log_eval_accuracies(self, stage: str) -> dict[str, float]:
         """Compute (synced across ranks), log and reset each class set's accuracy; add HM for base/new."""
-        prefix = METRIC_PREFIX[stage]
-        results: dict[str, float] = {}
+        fractions: dict[str, float] = {}
         for index, classes in enumerate(self.class_sets(stage)):
             metric = self.metrics[self._metric_key(stage, index)]
             if not self._updated_on_any_rank(metric.update_called):
                 continue
-            results[f"{prefix}/{classes.name}/acc"] = 100.0 * float(metric.compute())
+            fractions[classes.name] = float(metric.compute())
             metric.reset()
-        if f"{prefix}/base/acc" in results and f"{prefix}/new/acc" in results:
-            results[f"{prefix}/hm"] = harmonic_mean(results[f"{prefix}/base/acc"], results[f"{prefix}/new/acc"])
+        results = percent_accuracies(METRIC_PREFIX[stage], fractions)
         for name, value in results.items():
             self.log(name, value, prog_bar=stage == "validate", add_dataloader_idx=False)
         return results

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import yaml
 
 from .checkpoint_io import read_checkpoint
+from .results import LAST_CKPT
 from .guards import config_value
 
 #: data/model options that name files or folders; made absolute so a saved config runs from anywhere
@@ -102,7 +103,7 @@ def check_ckpt_path(ckpt_path: str) -> None:
     path = Path(ckpt_path)
     expected = "expected a .ckpt file written by mmprompt fit, e.g. RUN/checkpoints/last.ckpt"
     if path.is_dir():
-        last = next((c for c in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if c.is_file()), None)
+        last = next((c for c in (path / LAST_CKPT, path / LAST_CKPT.name) if c.is_file()), None)
         raise ValueError(f"--ckpt_path {path} is a folder; {expected}" + (f" (here: {last})" if last else ""))
     if not path.exists():
         raise FileNotFoundError(f"--ckpt_path {path}: no such file; {expected}")

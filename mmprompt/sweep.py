@@ -39,19 +39,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import report
-from .data.registry import BASE2NEW, PROTOCOLS, protocol_datasets, transfer_source
+from .report import SOURCE_DATASET
+from .data.registry import BASE2NEW, PROTOCOLS, protocol_datasets
 from .methods import label_of, method_names
-from .results import RESULTS_FILE
+from .results import LAST_CKPT, RESULTS_FILE
 from .shipped import default_configs_dir
 
-SOURCE_DATASET = transfer_source()
 #: default datasets (targets, for transfer protocols) per protocol: the dataset specs' membership
 PROTOCOL_DATASETS: dict[str, tuple[str, ...]] = {protocol: protocol_datasets(protocol) for protocol in PROTOCOLS}
 PROTOCOL_SHOTS: dict[str, tuple[int, ...]] = {"fewshot": (1, 2, 4, 8, 16)}
 DEFAULT_SHOTS = (16,)
 DEFAULT_SEEDS = (1, 2, 3)
 ZERO_SHOT = "zero_shot"
-LAST_CKPT = Path("checkpoints") / "last.ckpt"
 
 #: runs one command (argv list) on a device (None: as configured) and returns its exit status; tests inject a fake
 Runner = Callable[[list[str], str | None], int]
