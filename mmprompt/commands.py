@@ -31,11 +31,11 @@ TOOLS: dict[str, tuple[str, str]] = {
     "methods": ("mmprompt.method_table", "list the registered methods (name, class, defaults, trainable parameters)"),
     "export": ("mmprompt.export", "adapter-only safetensors + JSON; bias methods also as a plain open_clip model"),
 }
-#: short aliases: ``mmprompt test`` of a finished run with one analysis callback (class_path), written
-#: into that run's folder (`mmprompt.cli.analysis_main`)
+#: short aliases: ``mmprompt test --config RUN/config.yaml --config <preset>`` of a finished run (the
+#: shipped ``configs/analysis/*.yaml``), written into that run's folder (`mmprompt.cli.AnalysisCLI`)
 ALIASES: dict[str, tuple[str, str]] = {
-    "interventions": ("mmprompt.analysis.InterventionTable", "test a run under every route intervention: one table"),
-    "prompt-analysis": ("mmprompt.analysis.PromptAnalysis", "nearest words of text prompts; vision prompts vs fg/bg patches"),
+    "interventions": ("analysis/interventions", "test a run under every route intervention: one table"),
+    "prompt-analysis": ("analysis/prompts", "nearest words of text prompts; vision prompts vs fg/bg patches"),
 }
 
 

@@ -11,57 +11,13 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from .checkpoint_io import read_checkpoint
 from .results import LAST_CKPT
-from .guards import config_value
 
 #: data/model options that name files or folders; made absolute so a saved config runs from anywhere
 PATH_OPTIONS = {"data": ("root", "split_file", "image_dir", "mask_dir"), "model": ("pretrained",)}
 #: keys of a checkpoint's saved hyper-parameters that are not options of the config
 NOT_OPTIONS = ("_instantiator", "_class_path", "image_size")  # image_size is linked from model.model_name
-
-
-def parsed_config(source: str) -> tuple[str, Mapping[str, Any]] | None:
-    """(where, parsed YAML) of a ``--config`` file or string; None unless it parses to a mapping."""
-    is_file = "\n" not in source and Path(source).is_file()
-    try:
-        config = yaml.safe_load(Path(source).read_text(encoding="utf-8") if is_file else source)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None  # not YAML (or a missing file): the config checks and jsonargparse report it
-    return (f"--config {source if is_file else '<YAML string>'}", config) if isinstance(config, dict) else None
-
-
-def options_given(args: list[str], section: tuple[str, ...]) -> list[tuple[str, str, Any]]:
-    """(where, name, value) of every option directly under ``section`` (e.g. ``("model", "adapter",
-    "init_args")``) in the ``--config`` files/strings and the flags of ``args``, in the order given (the
-    last value of a name is the one jsonargparse keeps)."""
-    flag = "--" + ".".join(section) + "."
-    given = []
-    for index, arg in enumerate(args):
-        if arg.startswith(flag):
-            name, has_value, value = arg[len(flag):].partition("=")
-            value = value if has_value else (args[index + 1] if index + 1 < len(args) else "")
-            given.append((f"{flag}{name}", name, flag_value(value)))
-            continue
-        source = config_value(args, index)
-        parsed = parsed_config(source) if source is not None else None
-        if parsed is None:
-            continue
-        where, options = parsed
-        for key in section:
-            options = options.get(key) if isinstance(options, dict) else None
-        given.extend((where, name, value) for name, value in (options.items() if isinstance(options, dict) else ()))
-    return given
-
-
-def flag_value(text: str) -> Any:
-    """A flag's value as jsonargparse reads it (YAML), the text itself when it is not YAML; None if empty."""
-    try:
-        return yaml.safe_load(text) if text else None
-    except yaml.YAMLError:
-        return text
 
 
 def absolute_path_options(config: Any) -> None:
@@ -78,16 +34,6 @@ def absolute_path_options(config: Any) -> None:
             if section == "model" and not Path(value).is_file():
                 continue
             values[option] = os.path.abspath(os.path.expanduser(value))
-
-
-def ckpt_path_argument(args: list[str]) -> str | None:
-    """The value of ``--ckpt_path`` in ``args``, if any."""
-    for index, arg in enumerate(args):
-        if arg == "--ckpt_path" and index + 1 < len(args):
-            return args[index + 1]
-        if arg.startswith("--ckpt_path="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 #: ``--ckpt_path`` values that Lightning resolves itself (not file names)
@@ -137,16 +83,3 @@ def config_from_checkpoint(path: str | Path) -> dict[str, Any]:
     if "adapter" not in config.get("model", {}):
         return {}  # not an adapter checkpoint of `mmprompt fit`: the user's --config must say the adapter
     return config
-
-
-def with_checkpoint_config(args: list[str]) -> list[str]:
-    """``args`` with the checkpoint's own config inserted as the first ``--config`` after the subcommand."""
-    ckpt_path = ckpt_path_argument(args)
-    if ckpt_path is not None:
-        check_ckpt_path(ckpt_path)
-    if not args or ckpt_path is None or not Path(ckpt_path).is_file():
-        return args
-    config = config_from_checkpoint(ckpt_path)
-    if not config:
-        return args
-    return [args[0], "--config", yaml.safe_dump(config, sort_keys=False), *args[1:]]

@@ -30,7 +30,8 @@ from mmprompt.export import export_adapter, export_open_clip, load_adapter
 from mmprompt.data import FewShotDataModule
 from mmprompt.encoders import EncoderOptions
 from mmprompt.module import PromptCLIPModule
-from mmprompt.shipped import resolve_config, shipped_config_names, with_shipped_configs
+from mmprompt.argv import with_shipped_configs
+from mmprompt.shipped import resolve_config, shipped_config_names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -340,15 +341,16 @@ def test_sweep_finds_the_shipped_configs_outside_a_checkout(tmp_path, monkeypatc
 
 def test_checkpoint_config_goes_first_so_user_options_win(trained_run, tmp_path):
     from mmprompt.files import UnreadableFile
-    from mmprompt.run_config import config_from_checkpoint, with_checkpoint_config
+    from mmprompt.run_config import config_from_checkpoint
 
     checkpoint = str(trained_run / "checkpoints" / "last.ckpt")
-    args = with_checkpoint_config(["test", "--ckpt_path", checkpoint, "--model.speed.attention", "explicit"])
-    assert args[:2] == ["test", "--config"] and args[3:] == ["--ckpt_path", checkpoint, "--model.speed.attention",
-                                                            "explicit"]
-    config = yaml.safe_load(args[2])
+    config = config_from_checkpoint(checkpoint)
     assert config["model"]["adapter"]["class_path"] == "mmprompt.adapters.BiasTuning"
     assert "image_size" not in config["data"] and config["data"]["root"].startswith("/")
+    cli = cli_main(["test", "--ckpt_path", checkpoint, "--model.speed.attention", "explicit", "--out_dir",
+                    str(tmp_path / "runs"), "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false"])
+    assert type(cli.model.adapter).__name__ == "BiasTuning" and cli.model.speed.attention == "explicit"
+    assert cli.config.test.data.root == config["data"]["root"]
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(UnreadableFile, match="garbage.ckpt cannot be read as a checkpoint"):
