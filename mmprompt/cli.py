@@ -150,6 +150,9 @@ class MMPromptCLI(LightningCLI):
         """The run folder's lock (`instantiate_trainer`) is held while the command runs, here."""
         kwargs.setdefault("parser_class", StageParser)
         kwargs.setdefault("parser_kwargs", {stage: {"stage": stage} for stage in self.subcommands()})
+        # hyper-parameters as __init__ receives them (the adapter as its config: `PromptCLIPModule.on_save_checkpoint`),
+        # so a checkpoint loads with `load_from_checkpoint` and holds no Lightning-internal `_instantiator` key
+        kwargs.setdefault("load_from_checkpoint_support", False)
         try:
             super().__init__(*args, **kwargs)
         finally:

@@ -8,7 +8,7 @@ import random
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -36,8 +36,6 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning internals
 
 ADAPTER_PREFIX = "adapter."
-#: Lightning's allow-listed instantiator: ``load_from_checkpoint`` rebuilds the adapter from its class_path
-CHECKPOINT_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 EVAL_STAGES = ("validate", "test")  # evaluated during fit; predict reads the test classes
 METRIC_PREFIX = {"validate": "val", "test": "test"}
 
@@ -223,6 +221,8 @@ class PromptCLIPModule(L.LightningModule):
         speed: EncoderOptions = EncoderOptions(),
     ) -> None:
         super().__init__()
+        if isinstance(adapter, Mapping):  # its {class_path, init_args}: what load_from_checkpoint passes
+            adapter = build_adapter(adapter)
         #: the encoders' speed options; swap the whole object (`dataclasses.replace`) to change one
         self.speed = EncoderOptions.parse(speed)
         speed = self.speed.as_dict()  # saved as plain types: checkpoints load with weights_only=True
@@ -640,7 +640,6 @@ class PromptCLIPModule(L.LightningModule):
         checkpoint["mmprompt"] = self.describe()
         hparams = checkpoint.setdefault("hyper_parameters", dict(self.hparams))
         hparams["adapter"] = self.adapter.config()  # so load_from_checkpoint(path) needs no other argument
-        hparams.setdefault("_instantiator", CHECKPOINT_INSTANTIATOR)
         # Lightning does not save RNG states; with them a resumed run draws the same batches and crops
         checkpoint["rng_states"] = rng_snapshot()
 

@@ -17,7 +17,7 @@ from .results import LAST_CKPT
 #: data/model options that name files or folders; made absolute so a saved config runs from anywhere
 PATH_OPTIONS = {"data": ("root", "split_file", "image_dir", "mask_dir"), "model": ("pretrained",)}
 #: keys of a checkpoint's saved hyper-parameters that are not options of the config
-NOT_OPTIONS = ("_instantiator", "_class_path", "image_size")  # image_size is linked from model.model_name
+NOT_OPTIONS = ("image_size",)  # linked from model.model_name
 
 
 def absolute_path_options(config: Any) -> None:
