@@ -34,7 +34,7 @@ from measure import Meter  # noqa: E402
 from paths import make_paths, running  # noqa: E402
 
 from mmprompt import adapters as A  # noqa: E402
-from mmprompt.data.protocol import ClassSet  # noqa: E402
+from mmprompt.classes import ClassSet  # noqa: E402
 from mmprompt.model.module import PromptCLIPModule  # noqa: E402
 
 ADAPTERS = {

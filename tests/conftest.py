@@ -11,8 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mmprompt.data import FewShotDataModule  # noqa: E402
-from mmprompt.data.protocol import ClassSet  # noqa: E402
-from mmprompt.model.backbone import BackboneSpec, get_tokenizer, load_clip  # noqa: E402
+from mmprompt.classes import ClassSet  # noqa: E402
 
 TINY = "mmprompt-tiny"
 

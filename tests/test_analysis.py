@@ -23,7 +23,9 @@ from mmprompt.analysis.decomposition import decompose_scores, rows_seeing_prompt
 from mmprompt.analysis.interventions import MODES, MeanBiasCollector, intervened_output, target_layers
 from mmprompt.analysis.statistics import patch_attention
 from mmprompt.data.masks import mask_to_patch_grid
-from mmprompt.data.protocol import ClassSet
+from mmprompt.analysis.decomposition import decompose_scores, rows_seeing_prompts
+from mmprompt.model.attention import AttentionSite, fused_attention, softmax_attention
+from mmprompt.classes import ClassSet
 from mmprompt.data.transforms import build_transform, transform_pair
 from mmprompt.model.attention import AttentionSite, fused_attention, softmax_attention
 from mmprompt.model.encoders import Injection, encode_image

@@ -115,77 +115,13 @@ def test_every_shipped_config_is_loaded_by_a_test():
     assert sorted(set(CONFIGS.rglob("*.yaml")) - loaded) == []
 
 
-def test_former_adapter_option_names_are_refused_naming_the_new_one(data_root, tmp_path, capsys):
+def test_adapter_layers_option_takes_a_list_of_layer_indices(data_root, tmp_path):
     """One vocabulary: depth = layers 0..depth-1, layers = 0-based indices, n_ctx = prompt tokens."""
-    from mmprompt.adapters import BiasTuning
-
     base = ["fit", "--config", str(CONFIGS / "demo.yaml"), "--data.root", str(data_root), "--out_dir", str(tmp_path),
             "--trainer.fast_dev_run", "1", "--trainer.enable_progress_bar", "false"]
-    vpt = ["--config", str(CONFIGS / "methods" / "vpt_deep.yaml")]
-    assert main([*base, *vpt, "--model.adapter.init_args.n_prompts", "4"]) == 2
-    assert "--model.adapter.init_args.n_prompts: model.adapter.init_args.n_prompts is now n_ctx" in capsys.readouterr().err
-    old_bias = tmp_path / "old_bias.yaml"
-    old_bias.write_text("model:\n  adapter:\n    class_path: mmprompt.adapters.BiasTuning\n"
-                        "    init_args: {layers: 9, branches: both}\n")
-    assert main([*base, "--config", str(old_bias)]) == 2
-    error = capsys.readouterr().err
-    assert f"--config {old_bias}: model.adapter.init_args.layers=9 is now depth" in error
-    assert "model.adapter.init_args.branches is now branch" in error and "0-based layer indices" in error
-    assert main([*base, "--config", str(CONFIGS / "methods" / "ivlp.yaml"), "--model.adapter.init_args.n_vision=3"]) == 2
-    assert "is now n_ctx_vision" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"layers=3 is a count, but layers takes 0-based layer indices .* use depth: 3"):
-        BiasTuning(layers=3)
-    # an index list under layers is current; a list of one layer is a list
     cli = cli_main([*base, "--config", str(CONFIGS / "methods" / "bias.yaml"), "--model.adapter.init_args.layers",
-                    "[2]"])
+                    "[2]"])  # a list of one layer is a list
     assert cli.model.adapter.layer_indices == {"text": [2], "vision": [2]}
-
-
-def test_speed_options_given_flat_on_the_model_are_refused_naming_model_speed(data_root, tmp_path, capsys):
-    """The seven speed flags moved under model.speed (EncoderOptions); jsonargparse alone says only "not accepted"."""
-    base = ["fit", "--config", str(CONFIGS / "demo.yaml"), "--data.root", str(data_root), "--out_dir", str(tmp_path),
-            "--trainer.fast_dev_run", "1", "--trainer.enable_progress_bar", "false"]
-    assert main([*base, "--model.attention", "explicit"]) == 2
-    error = capsys.readouterr().err
-    assert "--model.attention: model.attention is now model.speed.attention" in error
-    assert "Speed options sit under model.speed, e.g. `speed: {attention: explicit}`" in error
-    old = tmp_path / "old_speed.yaml"
-    old.write_text("model:\n  text_chunk_size: 250\n  speed: {truncate_text: true}\n")
-    assert main([*base, "--config", str(old), "--model.share_text_prefix=false"]) == 2
-    error = capsys.readouterr().err
-    assert f"--config {old}: model.text_chunk_size is now model.speed.text_chunk_size" in error
-    assert "--model.share_text_prefix: model.share_text_prefix is now model.speed.share_text_prefix" in error
-    assert "model.truncate_text" not in error and "Adapter options" not in error  # speed.* is the current place
-
-
-def test_upgrade_hyper_parameters_renames_adapter_options_and_moves_the_speed_flags():
-    from mmprompt.model.encoders import EncoderOptions
-    from mmprompt.run.config import FORMER_SPEED_OPTIONS, upgrade_hyper_parameters
-
-    assert set(FORMER_SPEED_OPTIONS) <= set(EncoderOptions().as_dict())  # each former flag has its place
-    old = {"adapter": {"class_path": "mmprompt.adapters.IVLP", "init_args": {"n_prompts": 2, "n_vision": 3}},
-           "lr": 0.1, "attention": "explicit", "text_chunk_size": 5, "truncate_text": False}
-    assert upgrade_hyper_parameters(old) == {
-        "adapter": {"class_path": "mmprompt.adapters.IVLP", "init_args": {"n_ctx": 2, "n_ctx_vision": 3}}, "lr": 0.1,
-        "speed": {"text_chunk_size": 5, "attention": "explicit", "truncate_text": False}}
-    assert old["attention"] == "explicit" and "n_prompts" in old["adapter"]["init_args"]  # the input is left as it was
-    bias = {"adapter": {"class_path": "mmprompt.adapters.BiasTuning", "init_args": {"layers": 4, "branches": "text"}}}
-    assert upgrade_hyper_parameters(bias)["adapter"]["init_args"] == {"depth": 4, "branch": "text"}
-    current = {"adapter": {"class_path": "mmprompt.adapters.BiasTuning", "init_args": {"depth": 9, "layers": [0, 5]}},
-               "speed": EncoderOptions().as_dict()}
-    assert upgrade_hyper_parameters(current) == current  # an index list under layers is current
-
-
-def test_checkpoints_written_before_the_renames_are_read_with_the_new_names(tmp_path):
-    import torch
-
-    from mmprompt.run.config import config_from_checkpoint
-
-    adapter = {"class_path": "mmprompt.adapters.BiasTuning", "init_args": {"layers": 4, "branches": "vision"}}
-    old = {"state_dict": {}, "hyper_parameters": {"adapter": adapter, "model_name": "x"}}
-    torch.save(old, tmp_path / "old.ckpt")
-    assert config_from_checkpoint(tmp_path / "old.ckpt")["model"]["adapter"]["init_args"] == \
-        {"depth": 4, "branch": "vision"}
 
 
 def _fit(root: Path, out: Path, version: str, *extra: str) -> dict:
@@ -285,9 +221,9 @@ def test_own_class_per_folder_data_trains_end_to_end_and_masks_feed_the_statisti
     for source, target in ((data_root / "synthetic" / "images", images), (data_root / "synthetic" / "masks", masks)):
         shutil.copytree(source, target)
     split = tmp_path / "mydata" / "split.json"
-    assert main(["make-split", str(images), "--output", str(split), "--seed", "1"]) == 0
-    assert main(["check-data", "--dataset", "custom", "--split-file", str(split), "--image-dir", str(images),
-                 "--mask-dir", str(masks)]) == 0
+    assert main(["make-split", str(images), "--split_file", str(split), "--seed", "1"]) == 0
+    assert main(["check-data", "--dataset", "custom", "--split_file", str(split), "--image_dir", str(images),
+                 "--mask_dir", str(masks)]) == 0
     config = tmp_path / "shapes.yaml"
     config.write_text(f"data:\n  dataset: custom\n  split_file: {split}\n  image_dir: {images}\n"
                       f"  mask_dir: {masks}\n  template: 'a drawing of a {{}}.'\n  subsample: all\n")

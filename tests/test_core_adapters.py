@@ -13,9 +13,9 @@ from mmprompt.adapters import (
     TextDeep, TipAdapter, TipAdapterF, VPTDeep, ZeroShot,
 )
 from mmprompt.adapters.base import PreparationContext
-from mmprompt.data.protocol import ClassSet
+from mmprompt import method_table
+from mmprompt.classes import ClassSet
 from mmprompt.model.module import PromptCLIPModule, word_embedder
-from mmprompt.tools import methods_table
 
 TINY = "mmprompt-tiny"
 REPO = Path(__file__).resolve().parents[1]

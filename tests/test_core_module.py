@@ -10,8 +10,7 @@ import torch
 
 from mmprompt.adapters import BiasTuning, CoCoOp, CoOp, MaPLe, VPTDeep
 from mmprompt.data import FewShotDataModule
-from mmprompt.data.protocol import ClassSet
-from mmprompt.model import encoders
+from mmprompt.classes import ClassSet
 from mmprompt.model.module import PromptCLIPModule, harmonic_mean
 from mmprompt.model.schedule import warmup_cosine_factor
 

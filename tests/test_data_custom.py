@@ -45,7 +45,7 @@ def test_make_split_is_seeded_and_proportional(tree):
 
 
 def test_make_split_cli(tree, capsys):
-    assert make_split_main([str(tree), "--output", str(tree.parent / "s.json"), "--ratios", "0.6", "0.2", "0.2"]) == 0
+    assert make_split_main([str(tree), "--split_file", str(tree.parent / "s.json"), "--ratios", "0.6", "0.2", "0.2"]) == 0
     assert "4 classes, train 24, val 8, test 8" in capsys.readouterr().out
     assert main(["make-split", str(tree), "--ratios", "0.6", "0.6", "0.2"]) == 2
     captured = capsys.readouterr()
@@ -117,7 +117,7 @@ data:
 
 def test_custom_checker(tree, capsys):
     make_split(tree)
-    args = ["--dataset", "custom", "--split-file", str(tree / "split.json"), "--mask-dir", str(tree.parent / "masks")]
+    args = ["--dataset", "custom", "--split_file", str(tree / "split.json"), "--mask_dir", str(tree.parent / "masks")]
     assert check_main(args) == 0
     out = capsys.readouterr().out
     assert "classes: 4" in out and "with a foreground mask: 1" in out and "red fox: 5 / 2 / 3" in out

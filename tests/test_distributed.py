@@ -264,7 +264,7 @@ def test_torchrun_ranks_agree_on_one_run_folder_without_version(data_root, tmp_p
 def test_sweep_runs_two_jobs_in_parallel_one_per_device(data_root, tmp_path):
     sweep = ["sweep", "--protocol", "base2new", "--methods", "bias", "zero_shot", "--datasets", "synthetic",
              "--seeds", "1", "--out_dir", str(tmp_path / "runs"), "--configs", str(CONFIGS), "--devices", "0", "1",
-             "--no-report", "--", "--config", str(CONFIGS / "tiny.yaml"), "--data.root", str(data_root),
+             "--no_report", "--", "--config", str(CONFIGS / "tiny.yaml"), "--data.root", str(data_root),
              "--data.shots", "2", "--trainer.max_epochs", "1", *QUIET]
     first = mmprompt(*sweep, cwd=tmp_path)
     ok(first)

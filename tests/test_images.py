@@ -173,7 +173,7 @@ def test_image_conditioned_text_has_no_image_free_features():
 
 
 def test_images_take_several_values_or_one_as_users_write_them():
-    from mmprompt.run.inference import images_as_one_value
+    from mmprompt.run.argv import images_as_one_value
 
     assert images_as_one_value(["predict", "--images", "a.jpg", "dir/", "g/*.png", "--top_k", "3"]) == [
         "predict", "--images", '["a.jpg", "dir/", "g/*.png"]', "--top_k", "3"]

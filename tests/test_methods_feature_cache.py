@@ -22,9 +22,9 @@ from mmprompt.adapters.tip_adapter import class_digest, search_alpha_beta, searc
 from mmprompt.analysis import AttentionAccumulator, StatisticsProbe
 from mmprompt.analysis.statistics import summary_table
 from mmprompt.data import FewShotDataModule
-from mmprompt.data.protocol import ClassSet
-from mmprompt.model.module import PromptCLIPModule
+from mmprompt.classes import ClassSet
 from mmprompt.tools.export import export_adapter, export_open_clip, load_adapter
+from mmprompt.model.module import PromptCLIPModule
 
 TINY = "mmprompt-tiny"
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import re
 import subprocess
@@ -23,15 +22,16 @@ import yaml
 import lightning as L
 
 from mmprompt.adapters import BiasTuning, CoupledBiasTuning, MaPLe, VPTDeep
-from mmprompt.data import FewShotDataModule
-from mmprompt.data.protocol import ClassSet
-from mmprompt.model.encoders import EncoderOptions
-from mmprompt.model.module import PromptCLIPModule
 from mmprompt.run.cli import cli_main, main
 from mmprompt.run.commands import run_tool
 from mmprompt.run.commands import TOOLS
-from mmprompt.run.shipped import resolve_config, shipped_config_names, with_shipped_configs
+from mmprompt.classes import ClassSet
 from mmprompt.tools.export import export_adapter, export_open_clip, load_adapter
+from mmprompt.data import FewShotDataModule
+from mmprompt.model.encoders import EncoderOptions
+from mmprompt.model.module import PromptCLIPModule
+from mmprompt.run.argv import with_shipped_configs
+from mmprompt.run.shipped import resolve_config, shipped_config_names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,27 +239,11 @@ def test_export_command_from_a_checkpoint_alone(trained_run, tmp_path, capsys):
     assert "missing.ckpt" in capsys.readouterr().err
 
 
-#: speed options as a checkpoint written before ``model.speed`` held them flat (all seven, defaults included)
-OLD_SPEED = {**EncoderOptions().as_dict(), "attention": "explicit", "text_chunk_size": 5}
-CURRENT_SPEED = EncoderOptions(attention="explicit", text_chunk_size=5)
-
-
-def written_before_the_renames(checkpoint: Path, old: Path, init_args: dict) -> Path:
-    """A copy of ``checkpoint`` as mmprompt wrote it before issue 12: the adapter's options under their
-    former names (``init_args``) and the speed options flat on the model (`OLD_SPEED`)."""
-    saved = torch.load(checkpoint, weights_only=True)
-    hparams = saved["hyper_parameters"]
-    del hparams["speed"]
-    hparams.update(OLD_SPEED)
-    hparams["adapter"]["init_args"] = saved["mmprompt"]["adapter_config"]["init_args"] = dict(init_args)
-    torch.save(saved, old)
-    return old
-
-
-def test_checkpoints_written_before_the_renames_load_from_python_with_the_current_names(tmp_path, caplog):
+def test_checkpoints_load_from_python_with_their_speed_options(tmp_path):
     torch.manual_seed(0)
+    speed = EncoderOptions(attention="explicit", text_chunk_size=5)
     trained = PromptCLIPModule(VPTDeep(n_ctx=2, depth=3), model_name="mmprompt-tiny", pretrained="synthetic-world",
-                               speed=CURRENT_SPEED)
+                               speed=speed)
     with torch.no_grad():
         for parameter in trained.adapter.parameters():
             parameter.normal_(0, 0.3)
@@ -267,49 +251,15 @@ def test_checkpoints_written_before_the_renames_load_from_python_with_the_curren
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.strategy.connect(trained)
     trainer.save_checkpoint(tmp_path / "current.ckpt")
-    old = written_before_the_renames(tmp_path / "current.ckpt", tmp_path / "old.ckpt",
-                                     {"n_prompts": 2, "depth": 3, "init": "vpt"})
-    with caplog.at_level(logging.WARNING, logger="mmprompt.run.config"):
-        module = PromptCLIPModule.load_from_checkpoint(old).eval()
-    assert f"{old} was written before options were renamed; read with the current names: adapter.init_args.n_prompts " \
-           "-> n_ctx, text_chunk_size -> speed.text_chunk_size, attention -> speed.attention" in caplog.text
-    assert module.adapter.init_args == {"n_ctx": 2, "depth": 3, "init": "vpt"} and module.adapter.vision.depth == 3
-    assert module.speed == CURRENT_SPEED and module.speed.attention == "explicit" and module.speed.text_chunk_size == 5
-    assert module.hparams.speed == CURRENT_SPEED.as_dict() and "attention" not in module.hparams  # re-saved as current
-    current = PromptCLIPModule.load_from_checkpoint(tmp_path / "current.ckpt").eval()
+    module = PromptCLIPModule.load_from_checkpoint(tmp_path / "current.ckpt").eval()
+    assert module.adapter.init_args["n_ctx"] == 2 and module.adapter.vision.depth == 3
+    assert module.speed == speed and module.hparams.speed == speed.as_dict()
     fused = PromptCLIPModule.load_from_checkpoint(tmp_path / "current.ckpt", speed=EncoderOptions().as_dict()).eval()
     images, classes = torch.randn(4, 3, 64, 64), module.class_sets("test")[0]
     with torch.no_grad():
         logits = module(images, classes)
-        assert torch.equal(logits, current(images, classes))
         assert torch.equal(logits, trained.eval()(images, classes))
         torch.testing.assert_close(fused(images, classes), logits, atol=2e-5, rtol=0)  # explicit vs fused: 3e-6
-
-
-#: trained_run's adapter options, under their former names and under the current ones
-OLD_BIAS_OPTIONS = {"layers": 9, "branches": "both", "placement": "both", "init_std": 0.5}
-BIAS_OPTIONS = {"depth": 9, "layers": None, "branch": "both", "placement": "both", "init_std": 0.5}
-
-
-def test_checkpoints_written_before_the_renames_test_and_export_from_the_command_line(trained_run, tmp_path, caplog):
-    old = written_before_the_renames(trained_run / "checkpoints" / "last.ckpt", tmp_path / "old.ckpt", OLD_BIAS_OPTIONS)
-    with caplog.at_level(logging.WARNING, logger="mmprompt.run.config"):
-        cli = cli_main(["test", "--ckpt_path", str(old), "--out_dir", str(tmp_path / "runs"), "--version", "old",
-                        "--trainer.enable_progress_bar", "false"])
-    assert caplog.text.count("was written before options were renamed") == 1
-    assert "adapter.init_args.layers -> depth, adapter.init_args.branches -> branch, text_chunk_size" in caplog.text
-    assert cli.model.adapter.init_args == BIAS_OPTIONS and cli.model.speed == CURRENT_SPEED
-    trained = json.loads((trained_run / "results.json").read_text())["metrics"]
-    tested = json.loads((tmp_path / "runs" / "BiasTuning-synthetic" / "old" / "results.json").read_text())["metrics"]
-    assert tested == pytest.approx(trained, abs=1e-6)
-    export = tmp_path / "export"
-    assert main(["export", "--ckpt_path", str(old), "--out_dir", str(export)]) == 0
-    config = json.loads((export / "adapter_config.json").read_text())
-    assert config["adapter_config"]["init_args"] == BIAS_OPTIONS
-    assert load_adapter(export).adapter.places == ("attn", "mlp")
-    config["adapter_config"]["init_args"] = OLD_BIAS_OPTIONS  # an export written before the renames
-    (export / "adapter_config.json").write_text(json.dumps(config))
-    assert load_adapter(export).adapter.init_args == BIAS_OPTIONS
 
 
 def test_custom_datasets_are_named_in_run_folders_and_results(data_root, tmp_path):
@@ -357,7 +307,7 @@ def option_groups(help_text: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("tool", sorted(TOOLS))
-def test_every_tool_spells_flags_like_lightning_and_keeps_old_spellings(tool, capsys):
+def test_every_tool_spells_flags_like_lightning_once(tool, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_tool(tool, ["--help"])
     assert exit_info.value.code == 0
@@ -366,11 +316,7 @@ def test_every_tool_spells_flags_like_lightning_and_keeps_old_spellings(tool, ca
     canonical = [group[0] for group in groups if group[0].startswith("--")]
     assert all("-" not in option[2:] for option in canonical), canonical  # underscores, as in --trainer.max_epochs
     assert not {"--out", "--output", "--output_dir"} & set(canonical)  # output folders are --out_dir everywhere
-    aliases = {alias: group[0] for group in groups for alias in group[1:]}
-    expected = {"report": {"--out": "--out_dir", "--skip-invalid": "--skip_invalid"},
-                "make-split": {"--output": "--split_file"}, "check-data": {"--split-file": "--split_file"},
-                "sweep": {"--dry-run": "--dry_run", "--keep-going": "--keep_going"}}.get(tool, {})
-    assert expected.items() <= aliases.items()
+    assert all(len(group) == 1 for group in groups), groups  # one spelling per option
 
 
 @pytest.mark.parametrize("flag", ["--help", "--version"])
@@ -395,15 +341,16 @@ def test_sweep_finds_the_shipped_configs_outside_a_checkout(tmp_path, monkeypatc
 
 def test_checkpoint_config_goes_first_so_user_options_win(trained_run, tmp_path):
     from mmprompt.files import UnreadableFile
-    from mmprompt.run.config import config_from_checkpoint, with_checkpoint_config
+    from mmprompt.run.config import config_from_checkpoint
 
     checkpoint = str(trained_run / "checkpoints" / "last.ckpt")
-    args = with_checkpoint_config(["test", "--ckpt_path", checkpoint, "--model.speed.attention", "explicit"])
-    assert args[:2] == ["test", "--config"] and args[3:] == ["--ckpt_path", checkpoint, "--model.speed.attention",
-                                                            "explicit"]
-    config = yaml.safe_load(args[2])
+    config = config_from_checkpoint(checkpoint)
     assert config["model"]["adapter"]["class_path"] == "mmprompt.adapters.BiasTuning"
     assert "image_size" not in config["data"] and config["data"]["root"].startswith("/")
+    cli = cli_main(["test", "--ckpt_path", checkpoint, "--model.speed.attention", "explicit", "--out_dir",
+                    str(tmp_path / "runs"), "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false"])
+    assert type(cli.model.adapter).__name__ == "BiasTuning" and cli.model.speed.attention == "explicit"
+    assert cli.config.test.data.root == config["data"]["root"]
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(UnreadableFile, match="garbage.ckpt cannot be read as a checkpoint"):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mmprompt.adapters import IVLP, BiasTuning, CoCoOp, CoOp, CoupledBiasTuning, LoRA, MaPLe, VPTDeep, ZeroShot
-from mmprompt.data.protocol import ClassSet
 from mmprompt.model.attention import softmax_attention
+from mmprompt.classes import ClassSet
 from mmprompt.model.encoders import encode_image, encode_text, length_buckets, tokenize_prompts
 from mmprompt.model.module import PromptCLIPModule
 

@@ -43,7 +43,7 @@ def row(records: list[dict[str, str]], **match: str) -> dict[str, str]:
 
 def run_report(tmp_path: Path, *extra: str) -> Path:
     out = tmp_path / "out"
-    assert report.main([str(tmp_path / "runs"), "--out", str(out), "--quiet", *extra]) == 0
+    assert report.main([str(tmp_path / "runs"), "--out_dir", str(out), "--quiet", *extra]) == 0
     return out
 
 
@@ -175,7 +175,7 @@ def test_transfer_table_source_first_and_excluded_from_average(tmp_path):
 def test_markdown_printed_and_format_option(tmp_path, capsys):
     write_result(tmp_path / "runs", "base2new", "MaPLe", "dtd", 1, base_new(80, 60))
     out = tmp_path / "only_csv"
-    assert report.main([str(tmp_path / "runs"), "--out", str(out), "--format", "csv"]) == 0
+    assert report.main([str(tmp_path / "runs"), "--out_dir", str(out), "--format", "csv"]) == 0
     assert "| MaPLe | dtd |" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["base2new_base2new.csv", "base2new_intervals.csv"]
 
@@ -201,7 +201,7 @@ def test_invalid_results_stop_the_report_naming_the_file(tmp_path, capsys, conte
     bad = good.parent.parent / "broken" / "results.json"
     bad.parent.mkdir()
     bad.write_text(content)
-    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert report.main([str(tmp_path / "runs"), "--out_dir", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and problem in err
     assert not (tmp_path / "out").exists()
@@ -212,7 +212,7 @@ def test_skip_invalid_lists_the_skipped_files(tmp_path, capsys):
     bad = good.parent.parent / "broken" / "results.json"
     bad.parent.mkdir()
     bad.write_text("")
-    out = run_report(tmp_path, "--skip-invalid")
+    out = run_report(tmp_path, "--skip_invalid")
     assert f"warning: skipped {bad}" in capsys.readouterr().err
     markdown = (out / "report.md").read_text()
     assert "## Skipped results (invalid)" in markdown and str(bad) in markdown

@@ -107,7 +107,7 @@ def test_report_writes_intervals_and_paired_differences(tmp_path):
         write_run(runs, "budget1152", "vpt_deep_1152", "VPTDeep", "world_limited", seed, b2, 40)
     write_run(runs, "budget1152", "ZeroShot", "ZeroShot", "world_limited", 1, 45, 30)
     out = tmp_path / "out"
-    assert report.main([str(runs), "--out", str(out), "--quiet"]) == 0
+    assert report.main([str(runs), "--out_dir", str(out), "--quiet"]) == 0
     intervals = {r["method"]: r for r in read_csv(out / "budget1152_intervals.csv")}
     assert float(intervals["BiasTuning"]["base_mean"]) == pytest.approx(157 / 3, abs=1e-4)
     assert intervals["BiasTuning"]["interval"] == "t over seeds"
@@ -122,7 +122,7 @@ def test_report_writes_intervals_and_paired_differences(tmp_path):
     markdown = (out / "report.md").read_text()
     assert "paired differences" in markdown and "≈" in markdown
     write_run(runs, "budget1152", "ivlp_1152", "IVLP", "world_limited", 2, 50, 40)  # one seed in common with bias
-    assert report.main([str(runs), "--out", str(out), "--quiet"]) == 0
+    assert report.main([str(runs), "--out_dir", str(out), "--quiet"]) == 0
     paired = {(r["a"], r["b"]): r for r in read_csv(out / "budget1152_paired.csv")}
     assert paired[("BiasTuning", "IVLP")]["seeds"] == "2" and paired[("BiasTuning", "IVLP")]["base_low"] == ""
 
@@ -135,7 +135,7 @@ def test_a_single_run_gets_a_bootstrap_over_its_test_images(tmp_path, monkeypatc
     (data / "split_zhou_WorldLimited.json").write_text(json.dumps({"train": [], "val": [], "test": test}))
     config = "data:\n  dataset: world-limited\n  root: data\n"
     write_run(tmp_path / "runs", "b", "bias_1152", "BiasTuning", "world_limited", 1, 50.0, 40.0, {"config.yaml": config})
-    assert report.main(["runs", "--out", "out", "--quiet"]) == 0
+    assert report.main(["runs", "--out_dir", "out", "--quiet"]) == 0
     (record,) = read_csv(tmp_path / "out" / "b_intervals.csv")
     expected = bootstrap_accuracy(50.0, 180)
     assert record["interval"] == "bootstrap over test images"
@@ -180,7 +180,7 @@ def test_claims_table_and_figures_from_run_folders(tmp_path):
         # another MaPLe budget without interventions.csv must not hide the one with it
         write_run(runs, "budget4224", "maple_4224", "MaPLe", "world_limited", seed, 45, 45)
     out = tmp_path / "out"
-    assert report.main([str(runs), "--out", str(out), "--quiet", "--claims", "--figures"]) == 0
+    assert report.main([str(runs), "--out_dir", str(out), "--quiet", "--claims", "--figures"]) == 0
     claims = {(r["claim"].split(":")[0].split(" (")[0], r["dataset"]): r for r in read_csv(out / "claims.csv")}
     route2 = claims[("route 2 carries the gain", "world_limited")]
     assert (route2["verdict"], float(route2["difference"])) == ("holds", 8.0)  # bias_only − attention_only = 8 on every seed

@@ -76,7 +76,7 @@ def test_plan_is_deterministic_with_fixed_names_and_versions(workdir):
 
 def test_dry_run_prints_exact_commands_with_overrides_last(workdir, capsys):
     argv = ["--protocol", "base2new", "--methods", "maple", "zero_shot", "--datasets", "eurosat", "--seeds", "1", "2",
-            "--out_dir", "runs/b2n", "--dry-run", "--", "--trainer.devices", "4", "--trainer.strategy", "ddp"]
+            "--out_dir", "runs/b2n", "--dry_run", "--", "--trainer.devices", "4", "--trainer.strategy", "ddp"]
     assert sweep.main(argv, runner=FakeRunner()) == 0
     head = "--config configs/protocols/base2new.yaml --config configs/methods/{m}.yaml --config configs/datasets/eurosat.yaml"
     tail = "--out_dir runs/b2n --protocol base2new --trainer.devices 4 --trainer.strategy ddp"
@@ -101,14 +101,14 @@ def finished_and_killed_runs(workdir: Path) -> None:
 def test_finished_runs_skipped_and_interrupted_runs_resumed(workdir):
     finished_and_killed_runs(workdir)
     runner = FakeRunner()
-    assert sweep.main(base2new(workdir, "--no-report"), runner=runner) == 0
+    assert sweep.main(base2new(workdir, "--no_report"), runner=runner) == 0
     assert "MaPLe-eurosat/seed1" not in runner.run_names and len(runner.commands) == 7
     resumed = [c for c in runner.commands if "--ckpt_path" in c]
     assert [f"{option(c, '--name')}/{option(c, '--version')}" for c in resumed] == ["BiasTuning-dtd/seed2"]
     assert resumed[0][-2:] == ["--ckpt_path", "last"]
     # a second pass finds everything finished and runs nothing
     again = FakeRunner()
-    assert sweep.main(base2new(workdir, "--no-report"), runner=again) == 0
+    assert sweep.main(base2new(workdir, "--no_report"), runner=again) == 0
     assert again.commands == []
 
 
@@ -116,7 +116,7 @@ def test_dry_run_marks_finished_runs(workdir, capsys):
     done = workdir / "runs/b2n/MaPLe-dtd/seed2"
     done.mkdir(parents=True)
     (done / "results.json").write_text("{}")
-    assert sweep.main(base2new(workdir, "--dry-run")) == 0
+    assert sweep.main(base2new(workdir, "--dry_run")) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[3] == "# skip (finished): runs/b2n/MaPLe-dtd/seed2"
     assert len(lines) == 8 and sum(line.startswith("mmprompt fit ") for line in lines) == 7
@@ -124,16 +124,16 @@ def test_dry_run_marks_finished_runs(workdir, capsys):
 
 def test_failure_stops_by_default_and_keep_going_continues(workdir):
     runner = FakeRunner(fail=("MaPLe-eurosat",))
-    assert sweep.main(base2new(workdir, "--no-report"), runner=runner) == 1
+    assert sweep.main(base2new(workdir, "--no_report"), runner=runner) == 1
     assert runner.run_names == ["MaPLe-eurosat/seed1"]
     runner = FakeRunner(fail=("MaPLe-eurosat",))
-    assert sweep.main(base2new(workdir, "--no-report", "--keep-going"), runner=runner) == 1
+    assert sweep.main(base2new(workdir, "--no_report", "--keep_going"), runner=runner) == 1
     assert len(runner.commands) == 8  # both MaPLe-eurosat seeds fail, everything else runs
 
 
 def test_exit_zero_without_results_is_a_failure(workdir, capsys):
     runner = FakeRunner(write_results=False)
-    assert sweep.main(base2new(workdir, "--no-report"), runner=runner) == 1
+    assert sweep.main(base2new(workdir, "--no_report"), runner=runner) == 1
     assert len(runner.commands) == 1
     assert "exited 0 without results.json" in capsys.readouterr().out
 
@@ -145,7 +145,7 @@ def cross_dataset_argv(*extra: str) -> list[str]:
 
 def test_cross_dataset_trains_on_imagenet_then_tests_its_checkpoint(workdir):
     runner = FakeRunner()
-    assert sweep.main(cross_dataset_argv("--no-report"), runner=runner) == 0
+    assert sweep.main(cross_dataset_argv("--no_report"), runner=runner) == 0
     assert [c[1] for c in runner.commands] == ["fit", "test", "test", "test", "test", "test"]
     assert runner.run_names == ["MaPLe-imagenet/seed1", "MaPLe-caltech101/seed1", "MaPLe-eurosat/seed1",
                                 "ZeroShot-imagenet/seed1", "ZeroShot-caltech101/seed1", "ZeroShot-eurosat/seed1"]
@@ -157,21 +157,21 @@ def test_cross_dataset_trains_on_imagenet_then_tests_its_checkpoint(workdir):
 
 def test_failed_training_blocks_its_tests(workdir, capsys):
     runner = FakeRunner(fail=("MaPLe-imagenet",))
-    assert sweep.main(cross_dataset_argv("--no-report", "--keep-going"), runner=runner) == 1
+    assert sweep.main(cross_dataset_argv("--no_report", "--keep_going"), runner=runner) == 1
     assert runner.run_names == ["MaPLe-imagenet/seed1", "ZeroShot-imagenet/seed1", "ZeroShot-caltech101/seed1",
                                 "ZeroShot-eurosat/seed1"]
     assert "2 blocked" in capsys.readouterr().out
 
 
 def test_print_commands_holds_back_tests_until_training_finished(workdir, capsys):
-    assert sweep.main(cross_dataset_argv("--methods", "maple", "--print-commands")) == 0
+    assert sweep.main(cross_dataset_argv("--methods", "maple", "--print_commands")) == 0
     captured = capsys.readouterr()
     assert [line.split()[1] for line in captured.out.splitlines()] == ["fit"]
     assert "2 test runs wait" in captured.err
     done = workdir / "runs/cross_dataset/MaPLe-imagenet/seed1"
     done.mkdir(parents=True)
     (done / "results.json").write_text("{}")
-    assert sweep.main(cross_dataset_argv("--methods", "maple", "--print-commands")) == 0
+    assert sweep.main(cross_dataset_argv("--methods", "maple", "--print_commands")) == 0
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["test", "test"]
 
 
@@ -223,7 +223,7 @@ def test_devices_run_independent_runs_in_parallel_one_per_device_with_skip_and_r
     finished_and_killed_runs(workdir)
     runner = SlowRunner()
     started = time.perf_counter()
-    assert sweep.main(base2new(workdir, "--no-report", "--devices", "0", "1"), runner=runner) == 0
+    assert sweep.main(base2new(workdir, "--no_report", "--devices", "0", "1"), runner=runner) == 0
     elapsed = time.perf_counter() - started
     assert runner.most_at_once == 2 and set(runner.devices.values()) == {"0", "1"}
     assert len(runner.commands) == 7 and "MaPLe-eurosat/seed1" not in runner.run_names
@@ -232,13 +232,13 @@ def test_devices_run_independent_runs_in_parallel_one_per_device_with_skip_and_r
     assert [f"{option(c, '--name')}/{option(c, '--version')}" for c in resumed] == ["BiasTuning-dtd/seed2"]
     assert "CUDA_VISIBLE_DEVICES=0 mmprompt fit" in capsys.readouterr().out
     again = SlowRunner()
-    assert sweep.main(base2new(workdir, "--no-report", "--devices", "0", "1"), runner=again) == 0
+    assert sweep.main(base2new(workdir, "--no_report", "--devices", "0", "1"), runner=again) == 0
     assert again.commands == []
 
 
 def test_parallel_transfer_tests_wait_for_their_training_run(workdir):
     runner = SlowRunner()
-    assert sweep.main(cross_dataset_argv("--no-report", "--devices", "0", "1"), runner=runner) == 0
+    assert sweep.main(cross_dataset_argv("--no_report", "--devices", "0", "1"), runner=runner) == 0
     started, finished = runner.started, runner.run_names
     assert len(started) == len(finished) == 6
     # the zero-shot runs need no checkpoint and use the second device while MaPLe trains
@@ -249,11 +249,11 @@ def test_parallel_transfer_tests_wait_for_their_training_run(workdir):
 
 def test_parallel_failure_stops_new_runs_and_blocks_tests(workdir, capsys):
     runner = SlowRunner(fail=("MaPLe-imagenet",))
-    assert sweep.main(cross_dataset_argv("--no-report", "--devices", "0", "1", "--keep-going"), runner=runner) == 1
+    assert sweep.main(cross_dataset_argv("--no_report", "--devices", "0", "1", "--keep_going"), runner=runner) == 1
     assert "MaPLe-caltech101/seed1" not in runner.run_names and len(runner.commands) == 4
     assert "2 blocked" in capsys.readouterr().out
     runner = SlowRunner(fail=("MaPLe-eurosat",))
-    assert sweep.main(base2new(workdir, "--no-report", "--devices", "0", "1"), runner=runner) == 1
+    assert sweep.main(base2new(workdir, "--no_report", "--devices", "0", "1"), runner=runner) == 1
     assert len(runner.commands) == 2  # the two that were running when the first failed; nothing new started
 
 

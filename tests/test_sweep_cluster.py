@@ -18,7 +18,7 @@ from mmprompt.tools.sweep_cluster import SweepJob, job_groups
 
 REPO = Path(__file__).resolve().parents[1]
 #: the job processes unpickle `LoggingRunner` by importing this file: keep its imports light (no torch)
-LOCAL = ["--launcher", "local", "--timeout_min", "5", "--gpus_per_node", "0", "--no-report"]
+LOCAL = ["--launcher", "local", "--timeout_min", "5", "--gpus_per_node", "0", "--no_report"]
 
 
 def names(runs) -> list[str]:

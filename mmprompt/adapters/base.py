@@ -265,13 +265,6 @@ def check_depth(depth: int, available: int, tower: str, option: str = "depth") -
         raise ValueError(f"{option}={depth} is out of range: the {tower} tower has {available} layers (1..{available})")
 
 
-def check_layers_option(layers: list[int] | None) -> None:
-    """``layers`` holds 0-based layer indices; a bare count is refused, since it once meant layers 0..N-1."""
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        raise ValueError(f"layers={layers} is a count, but layers takes 0-based layer indices (e.g. [0, 2, 5]); "
-                         f"for layers 0..{layers - 1} use depth: {layers}")
-
-
 def select_layers(depth: int, layers: list[int] | None, available: int, tower: str) -> list[int]:
     """``layers`` (0-based indices) when given, else the first ``depth`` layers 0..depth-1, checked against the tower."""
     if layers is None:

@@ -11,11 +11,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..methods import register_method
+from ..model.attention import Branch, towers_of
 from ..model.encoders import Injection
-from .base import Adapter, BuildContext, check_layers_option, select_layers
+from ..methods import register_method
+from .base import Adapter, BuildContext, select_layers
 
-Branch = Literal["both", "text", "vision"]
 Placement = Literal["attn", "mlp", "both"]
 
 
@@ -47,9 +47,7 @@ class BiasTuning(Adapter):
     def __init__(self, depth: int = 9, layers: list[int] | None = None, branch: Branch = "both",
                  placement: Placement = "attn", init_std: float = 0.0) -> None:
         super().__init__()
-        if branch not in ("both", "text", "vision"):
-            raise ValueError(f"branch must be 'both', 'text' or 'vision', got {branch!r}")
-        check_layers_option(layers)
+        towers_of(branch)  # refuses any other value
         self.depth, self.layers, self.branch, self.placement, self.init_std = depth, layers, branch, placement, init_std
         self.places = places_of(placement)
 

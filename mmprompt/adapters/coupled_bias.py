@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from ..methods import register_method
-from ..model.encoders import Injection
-from .base import Adapter, BuildContext, check_layers_option, select_layers
+from .base import Adapter, BuildContext, select_layers
 from .bias import Placement, bias_injection, places_of
 from .components import text_to_vision_projections
 
@@ -28,7 +27,6 @@ class CoupledBiasTuning(Adapter):
 
     def __init__(self, depth: int = 9, layers: list[int] | None = None, placement: Placement = "attn") -> None:
         super().__init__()
-        check_layers_option(layers)
         self.depth, self.layers, self.placement = depth, layers, placement
         self.places = places_of(placement)
 

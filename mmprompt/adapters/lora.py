@@ -15,17 +15,15 @@ on the update's input, A kaiming-uniform(a=√5) and B zeros as in loralib, and 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..methods import register_method
-from ..model.attention import PROJECTIONS, Projection
+from ..model.attention import PROJECTIONS, Branch, Projection, towers_of
 from ..model.encoders import Injection
-from .base import Adapter, BuildContext, check_layers_option, select_layers
+from ..methods import register_method
+from .base import Adapter, BuildContext, select_layers
 
-Branches = Literal["both", "text", "vision"]
 #: (input, output) widths of each projection in units of the tower's width (the MLP is 4× wide)
 WIDTH_FACTORS: dict[str, tuple[int, int]] = {"q": (1, 1), "k": (1, 1), "v": (1, 1), "out": (1, 1), "fc": (1, 4),
                                              "proj": (4, 1)}
@@ -67,15 +65,13 @@ class LoRA(Adapter):
 
     def __init__(self, rank: int = 2, alpha: float = 1.0, dropout: float = 0.25,
                  projections: list[Projection] | None = None, depth: int | None = None,
-                 layers: list[int] | None = None, branch: Branches = "both") -> None:
+                 layers: list[int] | None = None, branch: Branch = "both") -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if branch not in ("both", "text", "vision"):
-            raise ValueError(f"branch must be 'both', 'text' or 'vision', got {branch!r}")
-        check_layers_option(layers)
+        towers_of(branch)  # refuses any other value
         self.projections = tuple(projections) if projections is not None else ("q", "k", "v")
         unknown = [name for name in self.projections if name not in PROJECTIONS]
         if unknown or not self.projections:

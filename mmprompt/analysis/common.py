@@ -7,29 +7,17 @@ import csv
 from contextlib import contextmanager
 from itertools import chain, islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ..model.attention import AttendFn, Tower
+from ..model.attention import AttendFn, towers_of
 from ..tables import markdown_table, write_table  # re-exported: the analyses write their tables through these
 
-Branch = Literal["text", "vision", "both"]
 LayerSpec = str | int | Sequence[int] | None
 ReduceFn = Callable[[Tensor], Tensor]
-TOWERS: tuple[Tower, ...] = ("text", "vision")
-
-
-def towers_of(branch: str) -> tuple[Tower, ...]:
-    """The towers a ``branch`` option names."""
-    if branch == "both":
-        return TOWERS
-    if branch in TOWERS:
-        return (branch,)  # type: ignore[return-value]
-    raise ValueError(f"branch must be 'text', 'vision' or 'both', got {branch!r}")
-
 
 def resolve_layers(layers: LayerSpec, depth: int, tower: str, option: str = "layers") -> frozenset[int]:
     """Layer indices of one tower from ``None``/"all", an int, "a:b" (half-open), "a,b,c" or a list."""

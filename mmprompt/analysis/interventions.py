@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import harmonic_mean
 from typing import Any, Literal, Sequence, get_args
 
 import lightning as L
@@ -31,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..model.attention import AttentionSite, fused_attention
+from ..model.attention import AttentionSite, Branch, fused_attention, towers_of
+from ..results import percent_accuracies
 from .common import (
-    Branch, LayerSpec, ReduceFn, as_loader_list, batch_to, fresh_loader, has_prompts, identity_reduce, limited,
-    markdown_table, resolve_layers, run_folder, towers_of, trainer_sum, write_table,
+    LayerSpec, ReduceFn, as_loader_list, batch_to, fresh_loader, has_prompts, identity_reduce, limited,
+    markdown_table, resolve_layers, run_folder, trainer_sum, write_table,
 )
 from .decomposition import Decomposition, decompose, rows_seeing_prompts
 
@@ -257,7 +257,7 @@ def class_set_accuracies(module, loaders, limits: Sequence[int | float],
                          reduce: ReduceFn = identity_reduce) -> dict[str, float]:
     """Accuracy (%) per test class set, named as the module logs it (``test/<set>/acc``, and ``test/hm``
     for base and new), over the first ``limits[i]`` batches of loader i on every rank, counts summed."""
-    results: dict[str, float] = {}
+    fractions: dict[str, float] = {}
     for index, loader in enumerate(as_loader_list(loaders)):
         classes = module.class_sets("test")[index]
         counts = torch.zeros(2, dtype=torch.float64, device=module.device)
@@ -268,10 +268,8 @@ def class_set_accuracies(module, loaders, limits: Sequence[int | float],
             counts[1] += len(predictions)
         correct, total = reduce(counts).tolist()
         if total:
-            results[f"test/{classes.name}/acc"] = 100.0 * correct / total
-    if "test/base/acc" in results and "test/new/acc" in results:
-        results["test/hm"] = harmonic_mean([results["test/base/acc"], results["test/new/acc"]])
-    return results
+            fractions[classes.name] = correct / total
+    return percent_accuracies("test", fractions)
 
 
 class InterventionTable(L.Callback):

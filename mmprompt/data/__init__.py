@@ -17,8 +17,6 @@ from typing import Any
 _EXPORTS = {
     "Catalog": "catalog",
     "Item": "catalog",
-    "ClassSet": "protocol",
-    "ProvidesClassSets": "protocol",
     "DatasetSpec": "registry",
     "canonical_names": "registry",
     "get_spec": "registry",

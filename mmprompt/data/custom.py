@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     """``mmprompt make-split ROOT [--split_file FILE] [--ratios TR VA TE] [--seed S] [--overwrite]``."""
     parser = argparse.ArgumentParser(prog="mmprompt make-split", description=make_split.__doc__)
     parser.add_argument("root", help="class-per-folder image tree: <root>/<class>/<image>")
-    parser.add_argument("--split_file", "--output", dest="output", default=None, help="split file to write (default: <root>/split.json)")
+    parser.add_argument("--split_file", dest="output", default=None, help="split file to write (default: <root>/split.json)")
     parser.add_argument("--ratios", type=float, nargs=3, default=DEFAULT_RATIOS, metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing split file (a new draw)")

@@ -21,7 +21,7 @@ from .custom import resolve_spec
 from .dataset import ItemDataset
 from .distributed import per_device_batch, unrepeated_sampler, world_of
 from .fewshot import SUBSAMPLES, cache_path, check_shots, class_subset, load_fewshot, relabel
-from .protocol import ClassSet
+from ..classes import ClassSet
 from .registry import DatasetSpec, ensemble_templates
 from .transforms import TRAIN_SCALE, build_transform, check_crop_scale
 

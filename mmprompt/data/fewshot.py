@@ -15,11 +15,9 @@ import math
 import random
 import warnings
 from pathlib import Path
-from typing import Literal
 
 from .catalog import Catalog, Item, read_json, write_json_atomic
 
-Subsample = Literal["all", "base", "new"]
 SUBSAMPLES = ("all", "base", "new")
 VAL_SHOTS_CAP = 4
 CACHE_VERSION = 1

@@ -1,14 +1,6 @@
-"""Name keys of the data package; the class-set contract itself lives in `mmprompt.classes`.
-
-``ClassSet`` and ``ProvidesClassSets`` are re-exported here so code written against
-``mmprompt.data.protocol`` keeps working.
-"""
+"""Name keys of the data package (the class-set contract lives in `mmprompt.classes`)."""
 
 from __future__ import annotations
-
-from ..classes import ClassSet, ProvidesClassSets
-
-__all__ = ["ClassSet", "ProvidesClassSets", "normalise_name"]
 
 
 def normalise_name(name: str) -> str:

@@ -22,6 +22,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Tower = Literal["text", "vision"]
+TOWERS: tuple[Tower, ...] = get_args(Tower)
+#: the ``branch`` option of the adapters and analyses that act on one tower or both
+Branch = Literal["text", "vision", "both"]
+
+
+def towers_of(branch: str) -> tuple[Tower, ...]:
+    """The towers a ``branch`` option names; any other value is refused."""
+    if branch == "both":
+        return TOWERS
+    if branch in TOWERS:
+        return (branch,)  # type: ignore[return-value]
+    raise ValueError(f"branch must be 'text', 'vision' or 'both', got {branch!r}")
+
+
 #: the linear maps of a block a weight delta may wrap: the rows of the packed in-projection that make
 #: q, k and v, the attention out-projection, and the MLP's ``c_fc`` and ``c_proj``
 Projection = Literal["q", "k", "v", "out", "fc", "proj"]

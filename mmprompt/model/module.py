@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterator, Literal, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -27,10 +26,11 @@ from ..results import harmonic_mean
 from ..run.config import current_init_args, upgrade_hyper_parameters
 from .attention import AttendFn, fused_attention, softmax_attention
 from .backbone import BackboneSpec, freeze, get_tokenizer, load_clip, shape_mismatches, shapes_of
-from .checkpoint_io import read_checkpoint
+from ..classes import ClassSet, ProvidesClassSets, ProvidesTrainingSet
 from .encoders import (
     NO_INJECTION, EncoderOptions, TokenizedPrompts, check_supported_blocks, encode_image, encode_text, tokenize_prompts,
 )
+from ..results import percent_accuracies
 from .schedule import warmup_cosine_factor
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,6 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning internals
 
 ADAPTER_PREFIX = "adapter."
-#: Lightning's allow-listed instantiator: ``load_from_checkpoint`` rebuilds the adapter from its class_path
-CHECKPOINT_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 EVAL_STAGES = ("validate", "test")  # evaluated during fit; predict reads the test classes
 METRIC_PREFIX = {"validate": "val", "test": "test"}
 
@@ -88,15 +86,14 @@ def word_embedder(clip: torch.nn.Module, tokenizer: Callable[[list[str]], Tensor
 
 
 def build_adapter(config: dict[str, Any]) -> Adapter:
-    """An adapter from its ``{class_path, init_args}`` (what checkpoints and exports store; former
-    option names, from files written before the renames, are read with the current ones)."""
+    """An adapter from its ``{class_path, init_args}`` (what checkpoints and exports store)."""
     import importlib
 
     module_name, _, class_name = config["class_path"].rpartition(".")
     adapter_class = getattr(importlib.import_module(module_name), class_name, None)
     if not (isinstance(adapter_class, type) and issubclass(adapter_class, Adapter)):
         raise ValueError(f"adapter class_path {config['class_path']!r} is not an mmprompt Adapter")
-    return adapter_class(**current_init_args(config.get("init_args") or {}))
+    return adapter_class(**(config.get("init_args") or {}))
 
 
 @dataclass
@@ -227,6 +224,8 @@ class PromptCLIPModule(L.LightningModule):
         speed: EncoderOptions = EncoderOptions(),
     ) -> None:
         super().__init__()
+        if isinstance(adapter, Mapping):  # its {class_path, init_args}: what load_from_checkpoint passes
+            adapter = build_adapter(adapter)
         #: the encoders' speed options; swap the whole object (`dataclasses.replace`) to change one
         self.speed = EncoderOptions.parse(speed)
         speed = self.speed.as_dict()  # saved as plain types: checkpoints load with weights_only=True
@@ -543,16 +542,14 @@ class PromptCLIPModule(L.LightningModule):
 
     def _log_eval_accuracies(self, stage: str) -> dict[str, float]:
         """Compute (synced across ranks), log and reset each class set's accuracy; add HM for base/new."""
-        prefix = METRIC_PREFIX[stage]
-        results: dict[str, float] = {}
+        fractions: dict[str, float] = {}
         for index, classes in enumerate(self.class_sets(stage)):
             metric = self.metrics[self._metric_key(stage, index)]
             if not self._updated_on_any_rank(metric.update_called):
                 continue
-            results[f"{prefix}/{classes.name}/acc"] = 100.0 * float(metric.compute())
+            fractions[classes.name] = float(metric.compute())
             metric.reset()
-        if f"{prefix}/base/acc" in results and f"{prefix}/new/acc" in results:
-            results[f"{prefix}/hm"] = harmonic_mean(results[f"{prefix}/base/acc"], results[f"{prefix}/new/acc"])
+        results = percent_accuracies(METRIC_PREFIX[stage], fractions)
         for name, value in results.items():
             self.log(name, value, prog_bar=stage == "validate", add_dataloader_idx=False)
         return results
@@ -646,29 +643,8 @@ class PromptCLIPModule(L.LightningModule):
         checkpoint["mmprompt"] = self.describe()
         hparams = checkpoint.setdefault("hyper_parameters", dict(self.hparams))
         hparams["adapter"] = self.adapter.config()  # so load_from_checkpoint(path) needs no other argument
-        hparams.setdefault("_instantiator", CHECKPOINT_INSTANTIATOR)
         # Lightning does not save RNG states; with them a resumed run draws the same batches and crops
         checkpoint["rng_states"] = rng_snapshot()
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike | IO, map_location: Any = None,
-                             hparams_file: str | os.PathLike | None = None, strict: bool | None = None,
-                             weights_only: bool | None = None, **kwargs: Any) -> "PromptCLIPModule":
-        """Lightning's ``load_from_checkpoint``, reading a checkpoint written before options were renamed
-        (adapter options, the speed flags now under ``speed``) with the current names.
-
-        Lightning builds the module from the saved hyper-parameters before any hook runs, so the upgraded
-        ones (`mmprompt.run.config.upgrade_hyper_parameters`) are passed as arguments, which win over the
-        saved ones; arguments given here win over both. A file object or remote path is loaded as it is.
-        """
-        if hparams_file is None and isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path):
-            checkpoint = read_checkpoint(checkpoint_path) if weights_only is not False else \
-                torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-            saved = checkpoint.get("hyper_parameters") or {}
-            upgraded = upgrade_hyper_parameters(saved, source=str(checkpoint_path))
-            kwargs = {**{key: value for key, value in upgraded.items() if saved.get(key) != value}, **kwargs}
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
-                                            strict=strict, weights_only=weights_only, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:

@@ -15,41 +15,41 @@ import sys
 import types
 import typing
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 from jsonargparse import Namespace
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .argv import (asks_for_help, ckpt_path_argument, config_paths, one_batch_limits, parsed_config, prepared_args,
+                   with_first_config)
+from ..model.backbone import BUNDLED_PRETRAINED
+from ..model.checkpoint_io import AtomicCheckpointIO
+from .commands import ALIASES, main  # noqa: F401 (main: the one entry point, importable from here too)
 from ..data.datamodule import FewShotDataModule
 from ..files import UnreadableFile, is_write_error, unwritable
-from ..model.backbone import BUNDLED_PRETRAINED
-from ..model.checkpoint_io import AtomicCheckpointIO, read_checkpoint
-from ..model.module import PromptCLIPModule
-from ..results import RESULTS_FILE
-from ..tables import write_json_atomic
-from .commands import ALIASES, TOOLS, answer_without_imports, run_tool, shown_without_traceback
-from .config import (PRETRAINED_WEIGHTS_FILE, absolute_path_options, ckpt_path_argument, options_given,
-                     refuse_renamed_options, upgrade_hyper_parameters, with_checkpoint_config)
-from .folder import SIGTERM_STATUS, RunLock, SaveOnSigterm, last_checkpoint_required, sigterm_message
-from .guards import (LAST_CKPT, checkpoint_model_options, check_config_files, config_paths, error_text, init_defaults,
-                     is_global_rank_zero, outside_tiny_world, refuse_reused_run_dir)
-from .inference import add_image_options, checked_image_paths, images_as_one_value, predict_images
+from .guards import (checkpoint_model_options, error_text, init_defaults, is_global_rank_zero, outside_tiny_world,
+                     plain_option, refuse_reused_run_dir)
 from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
-from .logs import KeepEarlierRowsCSVLogger
+from .inference import add_image_options, checked_image_paths, predict_images
+from ..model.module import PromptCLIPModule
 from .predictions import PredictionWriter
-from .shipped import with_shipped_configs
+from ..results import LAST_CKPT, RESULTS_FILE
+from .config import PRETRAINED_WEIGHTS_FILE, absolute_path_options, check_ckpt_path, config_from_checkpoint
+from .folder import SIGTERM_STATUS, RunLock, SaveOnSigterm, last_checkpoint_required, sigterm_message
+from .logs import KeepEarlierRowsCSVLogger
+from .shipped import resolve_config
+from ..tables import write_json_atomic
 
 log = logging.getLogger(__name__)
 RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it launches inherit it
-# cli_main always passes the (rewritten) command line as ``args``: Lightning's warning about that is noise
+# the command line always reaches LightningCLI as ``args`` (`mmprompt.run.argv.prepared_args`): Lightning's warning is noise
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 
 
@@ -65,11 +65,6 @@ def image_size_of(model_name: str) -> int:
         raise ValueError(f"unknown model.model_name {model_name!r}; see open_clip.list_models()")
     size = config["vision_cfg"]["image_size"]
     return size[0] if isinstance(size, (list, tuple)) else size
-
-
-def plain(value: Any) -> Any:
-    """A parsed option as the plain types a checkpoint stores (a class_path/init_args Namespace as a dict)."""
-    return value.as_dict() if isinstance(value, Namespace) else value
 
 
 def next_free_version(parent: Path) -> str:
@@ -121,21 +116,43 @@ def create_run_dir(out_dir: str, name: str, version: str | None) -> Path:
     return run_dir
 
 
-def add_run_folder_arguments(parser: LightningArgumentParser, default_name: str) -> None:
+def add_run_folder_arguments(parser: LightningArgumentParser, default_name: str,
+                             out_dir_help: str = "Parent folder of all runs.") -> None:
     """--out_dir/--name/--version: where a run's folder goes (shared by every LightningCLI here)."""
-    parser.add_argument("--out_dir", type=str, default="runs", help="Parent folder of all runs.")
+    parser.add_argument("--out_dir", type=str, default="runs", help=out_dir_help)
     parser.add_argument("--name", type=str | None, default=None, help=f"Run group; default {default_name}.")
     parser.add_argument("--version", type=str | None, default=None,
                         help="Run folder inside the group; default the next free 'version_N'.")
 
 
+class StageParser(LightningArgumentParser):
+    """The parser of one LightningCLI subcommand, told which one (``stage``) through LightningCLI's public
+    ``parser_class`` and per-subcommand ``parser_kwargs``, so `MMPromptCLI.add_arguments_to_parser` can
+    give ``predict`` alone its image options."""
+
+    def __init__(self, *args: Any, stage: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stage = stage
+
+
 class MMPromptCLI(LightningCLI):
-    """LightningCLI with run folders, adapter-only checkpoints, test-after-fit and results.json."""
+    """LightningCLI with run folders, adapter-only checkpoints, test-after-fit and results.json.
+
+    Only public LightningCLI hooks, except `_parse_ckpt_path` (docs/protocols.md, "Private Lightning
+    hooks we rely on").
+    """
 
     run_lock: RunLock | None = None
+    #: whether ``--ckpt_path``'s checkpoint supplies the model and data options (an adapter checkpoint)
+    reads_checkpoint_options = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """The run folder's lock (`instantiate_trainer`) is held while the command runs, here."""
+        kwargs.setdefault("parser_class", StageParser)
+        kwargs.setdefault("parser_kwargs", {stage: {"stage": stage} for stage in self.subcommands()})
+        # hyper-parameters as __init__ receives them (the adapter as its config: `PromptCLIPModule.on_save_checkpoint`),
+        # so a checkpoint loads with `load_from_checkpoint` and holds no Lightning-internal `_instantiator` key
+        kwargs.setdefault("load_from_checkpoint_support", False)
         try:
             super().__init__(*args, **kwargs)
         finally:
@@ -143,11 +160,14 @@ class MMPromptCLI(LightningCLI):
                 self.run_lock.release()
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        """Option errors raise (`mmprompt.run.cli.main` prints one line) instead of a usage dump; --help keeps it."""
+        """Option errors raise (`mmprompt.run.commands.main` prints one line) instead of a usage dump; --help keeps it."""
         return super().init_parser(**{"exit_on_error": False, **kwargs})
 
+    #: the help of ``--out_dir``
+    out_dir_help = "Parent folder of all runs."
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        add_run_folder_arguments(parser, "'<Adapter>-<dataset>'")
+        add_run_folder_arguments(parser, "'<Adapter>-<dataset>'", self.out_dir_help)
         parser.add_argument("--protocol", type=str, default="custom",
                             help="Label stored in results.json (base2new, fewshot, cross_dataset, ...).")
         parser.add_argument("--test_after_fit", type=bool, default=True,
@@ -155,40 +175,73 @@ class MMPromptCLI(LightningCLI):
         parser.add_argument("--compare_zero_shot", type=bool, default=False,
                             help="After fit, also test zero-shot CLIP (same backbone and classes) and print both.")
         parser.link_arguments("model.model_name", "data.image_size", compute_fn=image_size_of)
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if "verbose" in parser.get_defaults():  # validate/test: our summary names base/new; Lightning's table can't
-            parser.set_defaults(verbose=False)  # (the stage's own arguments exist only after add_arguments_to_parser)
-        if subcommand == "predict":
+        if getattr(parser, "stage", None) == "predict":
             add_image_options(parser)  # --images, --classes, --top_k, --overlay
-        return parser
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
+                     subparser_kwargs: dict[str, Any]) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:  # validate/test print our summary, naming base/new; Lightning's table can't
+            self.parser.set_defaults({f"{stage}.verbose": False for stage in ("validate", "test")
+                                      if stage in self.subcommands()})  # (``--verbose true``: both)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        given = sys.argv[1:] if args is None else args  # a list; a dict or Namespace is already parsed
-        if isinstance(given, list):
-            check_config_files(given)  # first: the readers below skip a config that is not a YAML mapping
-        self.one_batch_limits = one_batch_limits(given) if isinstance(given, list) else []
-        if isinstance(given, list):
-            if issubclass(self.model_class, PromptCLIPModule):  # the former names are its options (not pretrain's)
-                refuse_renamed_options(given)
+        """Parse the command line made ready by `mmprompt.run.argv.prepared_args`, with ``--ckpt_path``'s
+        checkpoint options as its first ``--config``: they are applied once, here, below everything the
+        command line gives; then a backbone that contradicts the checkpoint is refused."""
+        self.one_batch_limits: list[str] = []
+        self.checkpoint: tuple[str, dict[str, Any]] | None = None
+        if isinstance(args, (dict, Namespace)):  # already parsed (from Python)
+            return super().parse_arguments(parser, args)
+        args = self.run_arguments(prepared_args(sys.argv[1:] if args is None else args))
+        self.one_batch_limits = one_batch_limits(args)
+        args = self.with_checkpoint_options(args)
         super().parse_arguments(parser, args)
+        self.check_checkpoint_options()
+
+    def run_arguments(self, args: list[str]) -> list[str]:
+        """The command line to parse (`AnalysisCLI` adds its run's checkpoint)."""
+        return args
+
+    def with_checkpoint_options(self, args: list[str]) -> list[str]:
+        """``args`` with the model and data options saved in ``--ckpt_path``'s checkpoint as the first
+        ``--config`` (`mmprompt.run.config.config_from_checkpoint`), so that a checkpoint alone is enough."""
+        ckpt_path = ckpt_path_argument(args)
+        if ckpt_path is None or not self.reads_checkpoint_options:
+            return args
+        check_ckpt_path(ckpt_path)  # a folder or a missing file, named (jsonargparse: "model.adapter is required")
+        if not Path(ckpt_path).is_file():
+            return args  # last, best, a remote path: Lightning resolves it
+        config = config_from_checkpoint(ckpt_path)
+        if not config:
+            return args
+        self.checkpoint = (ckpt_path, config["model"])
+        return with_first_config(args, config)
+
+    def check_checkpoint_options(self) -> None:
+        """The parsed model options against the checkpoint's (`mmprompt.run.guards.checkpoint_model_options`):
+        a backbone that contradicts it is refused, naming both; another option given after it keeps its
+        value, logged; one a later config merely restates at the class default (the protocols'
+        ``model_name: ViT-B-16-quickgelu``) stays the checkpoint's."""
+        if self.checkpoint is None:
+            return
+        ckpt_path, saved = self.checkpoint
+        subcommand = self.config.subcommand
+        model = self.config[subcommand].model
+        given = {key: plain_option(model.get(key)) for key in saved if key in model}
+        kept = checkpoint_model_options(given, saved, init_defaults(self.model_class), ckpt_path)
+        restated = {key: value for key, value in kept.items() if given.get(key) != value}
+        if restated:
+            self.config = self.parser.parse_object({subcommand: {"model": restated}}, self.config)
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning replaces every model option with the checkpoint's; apply only those left at their
-        defaults and refuse a conflicting backbone (`mmprompt.run.guards.checkpoint_model_options`).
-        (`with_checkpoint_config` already put the checkpoint's own config first.)"""
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
-        # written before the option renames: compare under the current names (with_checkpoint_config told the user)
-        saved = upgrade_hyper_parameters(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
-        model = self.config[subcommand].model
-        given = {key: plain(model.get(key)) for key in saved if key in model}
-        updates = checkpoint_model_options(given, saved, init_defaults(self.model_class), ckpt_path)
-        if updates:
-            self.config = self.parser.parse_object({subcommand: {"model": updates}}, self.config)
+        """Does nothing: `parse_arguments` has applied the checkpoint's options already.
+
+        Private LightningCLI method, overridden on purpose (docs/protocols.md, "Private Lightning hooks
+        we rely on"): LightningCLI calls it from ``__init__`` right after `parse_arguments`, with no
+        public switch, and there replaces every model option with the checkpoint's, the ones given
+        explicitly too (``--model.speed.attention explicit``), without a word.
+        """
 
     # ------------------------------------------------------------------ run folder, loggers, checkpoints
 
@@ -206,17 +259,29 @@ class MMPromptCLI(LightningCLI):
         return f"{config.model.adapter.class_path.rsplit('.', 1)[-1]}-{data}"
 
     def instantiate_trainer(self, **kwargs: Any):
-        config = self._run_config()
-        trainer_config = self._get(self.config_init, "trainer", default={})
-        self.run_dir = claim_run_dir(config.out_dir, config.name or self._default_name(), config.version)
-        if is_global_rank_zero():
-            self.run_lock = RunLock(self.run_dir).acquire()
-            if config.version is not None:
-                refuse_reused_run_dir(self.run_dir, self.subcommand, config.get("ckpt_path"))
-        last_checkpoint_required(self.run_dir, self.subcommand, config.get("ckpt_path"))
-        out_dir, name, version = str(self.run_dir.parent.parent), self.run_dir.parent.name, self.run_dir.name
+        """The Trainer, in the run folder (`claim_run_folder`), with `run_trainer_options`."""
+        self.run_dir = self.claim_run_folder()
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         kwargs.update({name: 1 for name in self.one_batch_limits})  # one batch, not 1.0 = every batch
+        kwargs.update(self.run_trainer_options(self._get(self.config_init, "trainer", default={})))
+        return super().instantiate_trainer(**kwargs)
+
+    def claim_run_folder(self) -> Path:
+        """A new (or, with ``--ckpt_path last``, the resumed) run folder, locked while the command runs."""
+        config = self._run_config()
+        run_dir = claim_run_dir(config.out_dir, config.name or self._default_name(), config.version)
+        if is_global_rank_zero():
+            self.run_lock = RunLock(run_dir).acquire()
+            if config.version is not None:
+                refuse_reused_run_dir(run_dir, self.subcommand, config.get("ckpt_path"))
+        last_checkpoint_required(run_dir, self.subcommand, config.get("ckpt_path"))
+        return run_dir
+
+    def run_trainer_options(self, trainer_config: dict[str, Any]) -> dict[str, Any]:
+        """Loggers, callbacks and the checkpoint writer of a run: CSV and TensorBoard in the run folder
+        (and the user's), the run's last.ckpt, SIGTERM handling, predictions, atomic checkpoints."""
+        kwargs: dict[str, Any] = {}
+        out_dir, name, version = str(self.run_dir.parent.parent), self.run_dir.parent.name, self.run_dir.name
         if trainer_config.get("logger") is not False:
             kwargs["logger"] = run_loggers(out_dir, name, version, trainer_config.get("logger"))
         callbacks = list(trainer_config.get("callbacks") or [])
@@ -225,7 +290,7 @@ class MMPromptCLI(LightningCLI):
             callbacks.append(ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True,
                                              enable_version_counter=False))
         if self.subcommand == "fit":
-            callbacks.append(SaveOnSigterm(self.run_dir / "checkpoints" / "last.ckpt"))
+            callbacks.append(SaveOnSigterm(self.run_dir / LAST_CKPT))
         if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in callbacks):
             callbacks.append(PredictionWriter(self.run_dir))
         if kwargs.get("logger", trainer_config.get("logger")) and self.subcommand == "fit":
@@ -235,7 +300,7 @@ class MMPromptCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        return kwargs
 
     def before_fit(self) -> None:
         """Warn once when the bundled tiny CLIP meets a dataset outside its generated world."""
@@ -322,6 +387,8 @@ class PretrainCLI(MMPromptCLI):
     """``mmprompt pretrain``: the same run folders, loggers and atomic checkpoints, for `PretrainCLIP`;
     after fit the weights are exported as a plain open_clip state dict (``open_clip_weights.pt``)."""
 
+    reads_checkpoint_options = False  # a whole CLIP's checkpoint: ``--ckpt_path`` only resumes it
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         add_run_folder_arguments(parser, "'pretrain-<model_name>'")
         parser.link_arguments("model.model_name", "data.image_size", compute_fn=image_size_of)
@@ -340,38 +407,11 @@ def pretrain_main(argv: list[str]) -> PretrainCLI:
     """``mmprompt pretrain [--config world.yaml] [--key value ...]`` = fit of `PretrainCLIP` on the captioned world."""
     from ..model.pretrain import PretrainCLIP, WorldDataModule
 
-    return PretrainCLI(PretrainCLIP, WorldDataModule, args=["fit", *with_shipped_configs(argv)], seed_everything_default=0,
+    return PretrainCLI(PretrainCLIP, WorldDataModule, args=["fit", *argv], seed_everything_default=0,
                        save_config_kwargs={"overwrite": True})
 
 
-class AnalysisCLI(MMPromptCLI):
-    """``mmprompt interventions`` / ``prompt-analysis``: MMPromptCLI's ``test`` (the same config loader,
-    image-size link, seed and ``--ckpt_path`` handling) of a finished run, writing only its analysis
-    callback's files into ``output_dir``: no new run folder, loggers, config.yaml or results.json."""
-
-    def __init__(self, *args: Any, output_dir: Path, trainer_options: dict[str, Any] | None = None,
-                 **kwargs: Any) -> None:
-        self.output_dir, self.trainer_options = output_dir, dict(trainer_options or {})
-        super().__init__(*args, **kwargs)
-
-    def instantiate_trainer(self, **kwargs: Any):
-        self.run_dir = self.output_dir
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        # no logger; Lightning's own checkpoint callback saves nothing in a test
-        kwargs.update({name: 1 for name in self.one_batch_limits})
-        kwargs.update(default_root_dir=str(self.output_dir), logger=False, **self.trainer_options)
-        return LightningCLI.instantiate_trainer(self, **kwargs)
-
-    def after_test(self) -> None:
-        if self.trainer.is_global_zero:
-            print(f"  written to: {self.output_dir}")
-
-
-#: the former command-line flags of the aliases, as LightningCLI options (and `batch_limit`)
-ALIAS_TRAINER_FLAGS = {"--accelerator": "--trainer.accelerator", "--devices": "--trainer.devices"}
-LIMIT_FLAG = "--limit_test_batches"
-ALIAS_OUTPUT_FLAGS = ("--out_dir", "--output_dir")
-ALLOW_NO_CHECKPOINT = "--allow_no_checkpoint"
+# ---------------------------------------------------------------------- the analysis aliases
 
 
 def import_object(class_path: str) -> Any:
@@ -379,113 +419,36 @@ def import_object(class_path: str) -> Any:
     return getattr(importlib.import_module(module_name), name)
 
 
-def takes_a_list(annotation: Any) -> bool:
-    """True for ``list[X]`` and ``list[X] | None``: such alias options take several values (``--modes a b``)."""
+def list_element(annotation: Any) -> Any:
+    """``X`` for ``list[X]`` and ``list[X] | None``, else None: such an option takes several values
+    (``--modes full bias_only``, jsonargparse's ``nargs="+"``)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         members = [member for member in typing.get_args(annotation) if member is not type(None)]
-        return all(typing.get_origin(member) is list for member in members)
-    return typing.get_origin(annotation) is list
+        return list_element(members[0]) if len(members) == 1 else None
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else None
 
 
-def callback_options(callback: type) -> dict[str, bool]:
-    """{init argument: takes a list} of an analysis callback: the alias's own options."""
+def analysis_preset(preset: str) -> tuple[type[Callback], dict[str, Any]]:
+    """The callback class of a shipped analysis preset (``analysis/interventions``) and its init_args."""
+    config = yaml.safe_load(Path(resolve_config(preset)).read_text(encoding="utf-8"))
+    (callback,) = config["trainer"]["callbacks"]
+    return import_object(callback["class_path"]), dict(callback.get("init_args") or {})
+
+
+def add_callback_options(parser: LightningArgumentParser, callback: type, defaults: dict[str, Any]) -> list[str]:
+    """The callback's init arguments (but ``output_dir``) as options of ``parser``, defaults ``defaults``
+    (the preset's) else the callback's own; returns their names."""
     hints = typing.get_type_hints(callback.__init__)
-    return {name: takes_a_list(hints.get(name)) for name in inspect.signature(callback).parameters}
-
-
-def batch_limit(text: str) -> int | float:
-    """Lightning's meaning: "2" is two batches, "0.5" half of them, "1" one batch (see `one_batch_limits`)."""
-    return int(text) if text.isdigit() else float(text)
-
-
-BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
-
-
-def one_batch_limits(args: list[str]) -> list[str]:
-    """The ``trainer.limit_*_batches`` whose last value in ``args`` is the integer 1 (a flag "1" or a YAML
-    ``1``). Lightning reads an int as a number of batches and a float as a fraction, but jsonargparse
-    parses its ``float | int`` as 1.0: every batch, the opposite of what was asked."""
-    last = {name: value for _, name, value in options_given(args, ("trainer",)) if name in BATCH_LIMITS}
-    return [name for name, value in last.items() if value == 1 and type(value) is int]
-
-
-def split_flag(tokens: list[str], index: int) -> tuple[str, list[str], int]:
-    """The flag at ``index``, its values (``--x=v``, ``--x v`` or ``--x v1 v2 ...``) and the next index."""
-    flag, has_value, value = tokens[index].partition("=")
-    if has_value:
-        return flag, [value], index + 1
-    end = index + 1
-    while end < len(tokens) and not tokens[end].startswith("--"):
-        end += 1
-    return flag, tokens[index + 1:end], end
-
-
-@dataclass
-class AliasCommandLine:
-    """An alias's command line sorted out: its callback's options, its own, and `mmprompt test`'s."""
-
-    test_args: list[str] = field(default_factory=list)
-    init_args: dict[str, str] = field(default_factory=dict)
-    output_dir: Path | None = None
-    allow_missing: bool = False
-    trainer_options: dict[str, Any] = field(default_factory=dict)
-
-    def add(self, flag: str, values: list[str], options: dict[str, bool], given: list[str]) -> None:
-        """One flag with its values; ``given`` is how it was written (``--x v`` or ``--x=v``)."""
-        name, rest = flag[2:], values[1:]
-        if flag == ALLOW_NO_CHECKPOINT:
-            self.allow_missing, rest = True, values
-        elif flag in ALIAS_OUTPUT_FLAGS and values:
-            self.output_dir = Path(values[0])
-        elif flag == LIMIT_FLAG and values:
-            self.trainer_options["limit_test_batches"] = batch_limit(values[0])
-        elif name in options and name != "output_dir" and values:
-            takes_list = options[name]
-            self.init_args[name] = "[" + ", ".join(values) + "]" if takes_list else values[0]
-            rest = [] if takes_list else values[1:]
-        else:  # an option of `mmprompt test`, as given; the former short flags renamed
-            self.test_args += [ALIAS_TRAINER_FLAGS.get(flag, flag) + given[0][len(flag):], *given[1:]]
-            rest = []
-        self.test_args += rest
-
-
-def read_alias_command_line(argv: list[str], options: dict[str, bool]) -> AliasCommandLine:
-    """Sort an alias's arguments (see `alias_test_args`); positional values stay with `mmprompt test`'s."""
-    command = AliasCommandLine()
-    index = 0
-    while index < len(argv):
-        if not argv[index].startswith("--"):
-            command.test_args.append(argv[index])
-            index += 1
+    names = []
+    for name, parameter in inspect.signature(callback).parameters.items():
+        if name == "output_dir":
             continue
-        flag, values, after = split_flag(argv, index)
-        command.add(flag, values, options, argv[index:after])
-        index = after
-    return command
-
-
-def alias_test_args(class_path: str, argv: list[str]) -> tuple[list[str], Path, dict[str, Any]]:
-    """``mmprompt test`` arguments for an alias's command line, the folder its files go to, and the
-    Trainer options it sets itself (``--limit_test_batches``, see `batch_limit`).
-
-    The callback's init arguments are options (``--modes full bias_only``, ``--k 3``); ``--out_dir``
-    (or ``--output_dir``) is that folder, by default the run folder of the first ``--config`` or of
-    ``--ckpt_path``; every other option is ``mmprompt test``'s. Without ``--ckpt_path`` the run's
-    ``checkpoints/last.ckpt`` is tested (``--allow_no_checkpoint``: the untrained adapter if none).
-    The run's own callbacks are replaced by the alias's one.
-    """
-    command = read_alias_command_line(argv, callback_options(import_object(class_path)))
-    passed = command.test_args
-    config = next((Path(c) for c in config_paths(passed) if Path(c).is_file()), None)
-    ckpt_path = ckpt_path_argument(passed)
-    if ckpt_path is None and config is not None:
-        ckpt_path = default_checkpoint(config, command.allow_missing)
-        passed += ["--ckpt_path", ckpt_path] if ckpt_path else []
-    output_dir = command.output_dir or run_folder_of(config, ckpt_path)
-    callback = [{"class_path": class_path, "init_args": {"output_dir": str(output_dir)}}]
-    extra = [arg for name, value in command.init_args.items() for arg in (f"--trainer.callbacks.init_args.{name}", value)]
-    args = ["test", *passed, "--trainer.callbacks", yaml.safe_dump(callback, default_flow_style=True), *extra]
-    return args, output_dir, command.trainer_options
+        default = defaults.get(name, parameter.default)
+        element = list_element(hints.get(name, Any))
+        kind = {"type": element, "nargs": "+"} if element is not None else {"type": hints.get(name, Any)}
+        parser.add_argument(f"--{name}", **kind, default=default, help=f"{callback.__name__} option.")
+        names.append(name)
+    return names
 
 
 def run_folder_of(config: Path | None, ckpt_path: str | None) -> Path:
@@ -494,45 +457,89 @@ def run_folder_of(config: Path | None, ckpt_path: str | None) -> Path:
         return config.parent
     if ckpt_path is not None and ckpt_path not in ("last", "best"):
         folder = Path(ckpt_path).parent
-        return folder.parent if folder.name == "checkpoints" else folder
+        return folder.parent if folder.name == LAST_CKPT.parent.name else folder
     raise ValueError("give --config RUN/config.yaml (the run's saved config) or --ckpt_path RUN/checkpoints/last.ckpt")
 
 
-def default_checkpoint(config_path: Path, allow_missing: bool = False) -> str | None:
-    """``checkpoints/last.ckpt`` of the run folder holding the config. Without one the numbers would
-    be the untrained adapter's, so that is an error unless ``allow_missing`` (``--allow_no_checkpoint``)."""
-    path = config_path.parent / "checkpoints" / "last.ckpt"
-    if path.is_file():
-        return str(path)
-    if not allow_missing:
-        raise FileNotFoundError(
-            f"no --ckpt_path given and the run of --config {config_path} has no {path}: the results would be "
-            "the untrained adapter's; pass --ckpt_path, or --allow_no_checkpoint to evaluate it untrained"
-        )
-    log.warning("no --ckpt_path and no %s: evaluating the untrained adapter (--allow_no_checkpoint)", path)
-    return None
+class AnalysisCLI(MMPromptCLI):
+    """``mmprompt interventions`` / ``prompt-analysis``: ``mmprompt test --config RUN/config.yaml --config
+    analysis/<preset>`` of a finished run, in place. The preset's callback replaces the run's own; its
+    init arguments are the alias's options (``--modes full bias_only``, ``--k 3``), the preset's values
+    their defaults. ``--ckpt_path`` defaults to the run's ``checkpoints/last.ckpt``; the files go into
+    the run's folder (or ``--out_dir``): no new run folder, loggers, config.yaml or results.json."""
+
+    out_dir_help = "Folder for the files; default: the run's folder (of --config, else of --ckpt_path)."
+
+    def __init__(self, alias: str, *args: Any, **kwargs: Any) -> None:
+        self.preset, description = ALIASES[alias]
+        self.callback_class, self.preset_options = analysis_preset(self.preset)
+        self.analysed_config: Path | None = None  #: the first --config file: the analysed run's config.yaml
+        self.default_checkpoint: Path | None = None  #: its run's last.ckpt, when no --ckpt_path is given
+        name = self.callback_class.__name__
+        kwargs.setdefault("parser_kwargs", {"test": {"stage": "test", "description": (
+            f"mmprompt {alias}: {description}. The same as `mmprompt test --config RUN/config.yaml --config "
+            f"{self.preset}` (--ckpt_path: RUN/checkpoints/last.ckpt), written into RUN (or --out_dir) with no "
+            f"new run folder. {name}'s options are options here. {name}: {inspect.getdoc(self.callback_class)}")}})
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"test": LightningCLI.subcommands()["test"]}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)  # the options a run's saved config.yaml holds
+        parser.set_defaults(out_dir=None)  # the run's folder
+        parser.add_argument("--allow_no_checkpoint", type=bool, default=False, nargs="?", const=True,
+                            help="Without a checkpoint, analyse the untrained adapter instead of refusing.")
+        self.callback_options = add_callback_options(parser, self.callback_class, self.preset_options)
+
+    def run_arguments(self, args: list[str]) -> list[str]:
+        """``args`` with ``--ckpt_path RUN/checkpoints/last.ckpt`` when none is given and it exists."""
+        self.analysed_config = next((Path(c) for c in config_paths(args) if Path(c).is_file()), None)
+        if ckpt_path_argument(args) is not None or asks_for_help(args):
+            return args
+        run_folder_of(self.analysed_config, None)  # neither --config nor --ckpt_path: say what to give
+        self.default_checkpoint = self.analysed_config.parent / LAST_CKPT
+        return [*args, "--ckpt_path", str(self.default_checkpoint)] if self.default_checkpoint.is_file() else args
+
+    def before_instantiate_classes(self) -> None:
+        """Without a checkpoint the numbers would be the untrained adapter's: an error unless asked."""
+        super().before_instantiate_classes()
+        config = self._run_config()
+        if config.get("ckpt_path") is not None or self.default_checkpoint is None:
+            return
+        if not config.allow_no_checkpoint:
+            raise FileNotFoundError(
+                f"no --ckpt_path given and the run of --config {self.analysed_config} has no "
+                f"{self.default_checkpoint}: the results would be the untrained adapter's; pass --ckpt_path, or "
+                "--allow_no_checkpoint to evaluate it untrained")
+        log.warning("no --ckpt_path and no %s: evaluating the untrained adapter (--allow_no_checkpoint)",
+                    self.default_checkpoint)
+
+    def claim_run_folder(self) -> Path:
+        """The analysed run's folder, or ``--out_dir``: nothing else is written there. (The ``out_dir`` of
+        the run's own config.yaml is where that run was written, not an ``--out_dir`` for the files.)"""
+        config = self._run_config()
+        saved = parsed_config(str(self.analysed_config)) if self.analysed_config is not None else None
+        given = config.out_dir is not None and config.out_dir != (saved or {}).get("out_dir")
+        folder = Path(config.out_dir) if given else run_folder_of(self.analysed_config, config.get("ckpt_path"))
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def run_trainer_options(self, trainer_config: dict[str, Any]) -> dict[str, Any]:
+        """No logger; the preset's callback alone (Lightning's own checkpoint callback saves nothing in a test)."""
+        config = self._run_config()
+        options = {name: config[name] for name in self.callback_options}
+        return {"logger": False, "callbacks": [self.callback_class(**options, output_dir=str(self.run_dir))]}
+
+    def after_test(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"  written to: {self.run_dir}")
 
 
-def print_alias_help(alias: str) -> None:
-    class_path, description = ALIASES[alias]
-    callback = import_object(class_path)
-    options = " ".join(f"[--{name} ...]" for name in callback_options(callback) if name != "output_dir")
-    print(f"usage: mmprompt {alias} [--config RUN/config.yaml] [--ckpt_path CKPT] [--out_dir DIR] "
-          f"[--allow_no_checkpoint] [--limit_test_batches N] {options} [any `mmprompt test` option]\n")
-    print(f"{description}.\nThe same as `mmprompt test --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt "
-          f"--trainer.callbacks '[{{class_path: {class_path}}}]'`, with the files written into the run folder "
-          "(or --out_dir) and no new run folder. --out_dir (alias --output_dir): the folder for the files.\n")
-    print(f"{callback.__name__}: {inspect.getdoc(callback)}")
-
-
-def analysis_main(alias: str, argv: list[str]) -> AnalysisCLI | None:
-    """``mmprompt interventions|prompt-analysis ...``: the alias's `mmprompt test` (see `alias_test_args`)."""
-    if any(arg in ("-h", "--help") for arg in argv):
-        print_alias_help(alias)
-        return None
-    args, output_dir, trainer_options = alias_test_args(ALIASES[alias][0], with_shipped_configs(argv))
-    return AnalysisCLI(PromptCLIPModule, FewShotDataModule, output_dir=output_dir, trainer_options=trainer_options,
-                       args=with_checkpoint_config(args), seed_everything_default=1,
+def analysis_main(alias: str, argv: list[str]) -> AnalysisCLI:
+    """``mmprompt interventions|prompt-analysis ARGS``: ``mmprompt test ARGS`` with its preset (`AnalysisCLI`)."""
+    return AnalysisCLI(alias, PromptCLIPModule, FewShotDataModule, args=["test", *argv], seed_everything_default=1,
                        save_config_callback=None, auto_configure_optimizers=False)
 
 
@@ -560,8 +567,6 @@ def print_results(columns: dict[str, dict[str, float]], run_dir: Path) -> None:
 
 def cli_main(args: list[str] | None = None) -> MMPromptCLI:
     """Run LightningCLI (importable for tests: ``cli_main(["fit", "--config", ...])``)."""
-    args = with_checkpoint_config(with_shipped_configs(list(sys.argv[1:] if args is None else args)))
-    args = images_as_one_value(args)
     return MMPromptCLI(
         PromptCLIPModule,
         FewShotDataModule,
@@ -572,26 +577,19 @@ def cli_main(args: list[str] | None = None) -> MMPromptCLI:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Every ``mmprompt`` subcommand (the entry point sends only the Lightning stages and aliases here)."""
-    from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    quick = answer_without_imports(argv)
-    if quick is not None:
-        return quick
+def run_lightning_command(argv: list[str]) -> int:
+    """A Lightning stage, ``pretrain`` or an analysis alias (`mmprompt.run.commands.main` sends them here)."""
 
     def run() -> int:
-        if argv[0] in TOOLS:
-            return run_tool(argv[0], argv[1:])
         if argv[0] in ALIASES:
             analysis_main(argv[0], argv[1:])
         elif argv[0] == "pretrain":
             pretrain_main(argv[1:])
         else:
-            cli_main(None if from_command_line else argv)
+            cli_main(argv)
         return 0
 
-    return shown_without_traceback(lambda: with_user_errors(run, argv[0]))
+    return with_user_errors(run, argv[0])
 
 
 def with_user_errors(run: Callable[[], int], command: str) -> int:
@@ -623,4 +621,4 @@ NO_DEVICE_MESSAGES = ("No supported gpu backend found", "can not run on your sys
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main())  # the entry point, `mmprompt.run.commands.main`

@@ -2,8 +2,9 @@
 and runs the tools (`TOOLS`) with only the imports each needs (``report``, ``sweep``, ``methods``:
 none of torch, so they start in a fraction of a second).
 
-The Lightning stages and the analysis aliases go to `mmprompt.run.cli.main`; only that import pays for
-torch, Lightning and open_clip (~5-9 s).
+The Lightning stages, ``pretrain`` and the analysis aliases go to `mmprompt.run.cli.run_lightning_command`;
+only that import pays for torch, Lightning and open_clip (~5-9 s). `main` is the one entry point
+(``mmprompt.run.cli.main`` is the same function).
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ TOOLS: dict[str, tuple[str, str]] = {
     "methods": ("mmprompt.tools.methods_table", "list the registered methods (name, class, defaults, trainable parameters)"),
     "export": ("mmprompt.tools.export", "adapter-only safetensors + JSON; bias methods also as a plain open_clip model"),
 }
-#: short aliases: ``mmprompt test`` of a finished run with one analysis callback (class_path), written
-#: into that run's folder (`mmprompt.run.cli.analysis_main`)
+#: short aliases: ``mmprompt test --config RUN/config.yaml --config <preset>`` of a finished run (the
+#: shipped ``configs/analysis/*.yaml``), written into that run's folder (`mmprompt.run.cli.AnalysisCLI`)
 ALIASES: dict[str, tuple[str, str]] = {
-    "interventions": ("mmprompt.analysis.InterventionTable", "test a run under every route intervention: one table"),
-    "prompt-analysis": ("mmprompt.analysis.PromptAnalysis", "nearest words of text prompts; vision prompts vs fg/bg patches"),
+    "interventions": ("analysis/interventions", "test a run under every route intervention: one table"),
+    "prompt-analysis": ("analysis/prompts", "nearest words of text prompts; vision prompts vs fg/bg patches"),
 }
 
 
@@ -89,13 +90,14 @@ def run_tool(command: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``mmprompt ...``: top-level help and version here; the tools import only what they need (report,
-    sweep and methods no torch, so they start at once); the Lightning stages go to `mmprompt.run.cli.main`."""
+    sweep and methods no torch, so they start at once); the Lightning stages, ``pretrain`` and the
+    aliases go to `mmprompt.run.cli.run_lightning_command`, imported only then."""
     args = list(sys.argv[1:] if argv is None else argv)
     status = answer_without_imports(args)
     if status is not None:
         return status
     if args[0] in TOOLS:
         return shown_without_traceback(lambda: run_tool(args[0], args[1:]))
-    from .cli import main as run
+    from .cli import run_lightning_command  # torch, Lightning and open_clip: seconds to import
 
-    return run(argv)
+    return shown_without_traceback(lambda: run_lightning_command(args))

@@ -6,7 +6,7 @@
 - `SaveOnSigterm`: Lightning stops the loops on SIGTERM by raising `SIGTERMException`, a
   ``SystemExit`` with no code, so the process used to exit 0 with no checkpoint of the last steps.
   The callback saves ``checkpoints/last.ckpt`` on every rank's ``on_exception`` (the save is a
-  collective), and `mmprompt.run.cli.main` turns the exception into status `SIGTERM_STATUS`.
+  collective), and `mmprompt.run.cli.with_user_errors` turns the exception into status `SIGTERM_STATUS`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..files import is_write_error, unwritable
+from ..results import LAST_CKPT
 
 LOCK_FILE = ".mmprompt.lock"
 #: the status of a run stopped by SIGTERM (128 + 15, what a shell reports for a process killed by it)
@@ -76,7 +77,7 @@ def sigterm_message(run_dir: Path | None) -> str:
     """What a user reads after SIGTERM: where the checkpoint is and how to resume."""
     if run_dir is None:
         return "stopped by SIGTERM"
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_dir / LAST_CKPT
     saved = f"saved {last}" if last.is_file() else f"no checkpoint was written ({last} does not exist)"
     return (f"stopped by SIGTERM; {saved}; resume with `mmprompt fit --config {run_dir / 'config.yaml'} "
             f"--version {run_dir.name} --ckpt_path last`")
@@ -85,10 +86,10 @@ def sigterm_message(run_dir: Path | None) -> str:
 def last_checkpoint_required(run_dir: Path, subcommand: str, ckpt_path: Any) -> None:
     """``test``/``validate``/``predict --ckpt_path last`` need a last checkpoint: without one
     Lightning evaluates the untrained adapter (with a warning) and results.json reports it."""
-    if subcommand == "fit" or ckpt_path != "last" or (run_dir / "checkpoints" / "last.ckpt").is_file():
+    if subcommand == "fit" or ckpt_path != "last" or (run_dir / LAST_CKPT).is_file():
         return
     raise FileNotFoundError(
-        f"{subcommand} --ckpt_path last: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist, so the untrained "
+        f"{subcommand} --ckpt_path last: {run_dir / LAST_CKPT} does not exist, so the untrained "
         f"adapter would be evaluated; give the --version of a trained run (its folder holds checkpoints/last.ckpt) "
         "or --ckpt_path RUN/checkpoints/last.ckpt"
     )

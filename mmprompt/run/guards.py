@@ -13,40 +13,20 @@ import inspect
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
-from ..results import RESULTS_FILE
+from ..results import LAST_CKPT, RESULTS_FILE
 
 log = logging.getLogger(__name__)
 
-CONFIG_FLAGS = ("--config", "-c")
 #: model options that decide what the checkpoint's tensors mean: a different value is refused
 IDENTITY_OPTIONS = ("model_name", "force_quick_gelu")
-#: entries LightningCLI stores in ``hyper_parameters`` that are not model options
-NOT_MODEL_OPTIONS = ("_instantiator", "_class_path")
-LAST_CKPT = Path("checkpoints") / "last.ckpt"
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID")
 
 
 # ---------------------------------------------------------------------- --config files
-
-def config_value(args: list[str], index: int) -> str | None:
-    """The ``--config``/``-c`` value that ``args[index]`` gives (``--config X`` or ``--config=X``), else None."""
-    arg = args[index]
-    if arg in CONFIG_FLAGS and index + 1 < len(args):
-        return args[index + 1]
-    return arg.split("=", 1)[1] if arg.startswith("--config=") else None
-
-
-def config_paths(args: list[str]) -> Iterator[str]:
-    """The values of every ``--config``/``-c`` option in ``args``, in order."""
-    for index in range(len(args)):
-        value = config_value(args, index)
-        if value is not None:
-            yield value
-
 
 def check_config_syntax(path: Path) -> None:
     """Raise naming ``path`` (and line and column) when it is not a YAML mapping of options: a syntax
@@ -69,13 +49,6 @@ def check_config_syntax(path: Path) -> None:
         found = "is empty" if config is None else f"holds a {type(config).__name__}, not a mapping"
         raise ValueError(f"--config {path} {found}; expected a YAML mapping of options, e.g. "
                          "`model: {...}`, `data: {...}`, `trainer: {...}`")
-
-
-def check_config_files(args: list[str]) -> None:
-    """Check the syntax of every ``--config`` file that exists (jsonargparse reports missing ones)."""
-    for value in config_paths(args):
-        if "\n" not in value and Path(value).is_file():  # a YAML string (a checkpoint's config) is no file
-            check_config_syntax(Path(value))
 
 
 # ---------------------------------------------------------------------- --ckpt_path hyper-parameters
@@ -102,7 +75,7 @@ def checkpoint_model_options(given: dict[str, Any], saved: dict[str, Any], defau
     given = {key: plain_option(value) for key, value in given.items()}
     defaults = {key: plain_option(value) for key, value in defaults.items()}
     for key, value in saved.items():
-        if key in NOT_MODEL_OPTIONS or key not in given:
+        if key not in given:
             continue
         if key in defaults and given[key] == defaults[key] or given[key] == value:
             updates[key] = value

@@ -10,7 +10,6 @@ test``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,25 +190,6 @@ def add_image_options(parser: Any) -> None:
     parser.add_argument("--top_k", type=int, default=5, help="Ranked classes (with probabilities) per CSV row.")
     parser.add_argument("--overlay", type=bool, default=False,
                         help="With --images: also write each image's [cls] attention overlay to <run>/overlays/.")
-
-
-def images_as_one_value(args: list[str]) -> list[str]:
-    """``--images a.jpg dir/ 'g/*.png'`` (or ``--images=a.jpg``) as the one JSON list jsonargparse takes
-    (``--images '["a.jpg", ...]'``); a list already written as one value is left as it is."""
-    out, index = [], 0
-    while index < len(args):
-        flag, has_value, value = args[index].partition("=")
-        if flag != "--images":
-            out.append(args[index])
-            index += 1
-            continue
-        end = index + 1
-        while not has_value and end < len(args) and not args[end].startswith("--"):
-            end += 1
-        values = [value] if has_value else args[index + 1:end]
-        out += ["--images", values[0] if len(values) == 1 and values[0].startswith("[") else json.dumps(values)]
-        index = end
-    return out
 
 
 def checked_image_paths(config: Any) -> list[Path]:

@@ -5,11 +5,16 @@ keep only the epochs after the resume. This writer keeps the earlier rows: on it
 drops only the training and validation rows at or after the first step the new process logs (the
 part of the killed run after its last checkpoint, which the resumed run logs again), then appends
 as Lightning does. Test rows are kept at any step: they are an earlier finished run's results.
+
+Only public Lightning API: the earlier rows are read, and the file is moved aside, before Lightning's
+writer is created (`open_writer`), since that writer deletes any metrics.csv it finds.
 """
 
 from __future__ import annotations
 
 import csv
+import os
+import warnings
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -31,14 +36,10 @@ def is_test_row(row: dict[str, str]) -> bool:
 
 
 class KeepEarlierRowsWriter(ExperimentWriter):
-    """`ExperimentWriter` that keeps the rows an earlier process wrote before the resumed step."""
+    """`ExperimentWriter` that keeps the rows an earlier process wrote before the resumed step
+    (``earlier_rows``, merged in on the first save); create it with `open_writer`."""
 
-    def _check_log_dir_exists(self) -> None:
-        """Lightning deletes metrics.csv here; read it instead and merge it in on the first save."""
-        self.earlier_rows: list[dict[str, str]] | None = None
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
-                self.earlier_rows = list(csv.DictReader(handle))
+    earlier_rows: list[dict[str, str]] | None = None
 
     def save(self) -> None:
         if self.earlier_rows is not None and self.metrics:
@@ -68,5 +69,28 @@ class KeepEarlierRowsCSVLogger(CSVLogger):
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = KeepEarlierRowsWriter(log_dir=self.log_dir)
+            self._experiment = open_writer(self.log_dir)
         return self._experiment
+
+
+def open_writer(log_dir: str) -> KeepEarlierRowsWriter:
+    """A `KeepEarlierRowsWriter` for ``log_dir`` holding the rows of its metrics.csv. Lightning's writer
+    deletes a metrics.csv it finds when it is created (warning that the folder is not empty, which a
+    run folder never is): the file is renamed aside for that moment and back at once, so a process
+    that dies before its first save still leaves every earlier row in metrics.csv."""
+    path = os.path.join(log_dir, ExperimentWriter.NAME_METRICS_FILE)
+    aside = f"{path}.earlier"
+    earlier = None
+    if os.path.isfile(path):
+        with open(path, newline="") as handle:
+            earlier = list(csv.DictReader(handle))
+        os.replace(path, aside)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+            writer = KeepEarlierRowsWriter(log_dir=log_dir)
+    finally:
+        if earlier is not None:
+            os.replace(aside, path)
+    writer.earlier_rows = earlier
+    return writer

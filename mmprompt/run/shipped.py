@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # mmprompt/
-CONFIG_FLAGS = ("--config", "-c")
 
 
 def shipped_configs_dir() -> Path:
@@ -40,14 +39,3 @@ def resolve_config(value: str) -> str:
         if candidate.is_file():
             return str(candidate)
     return value  # Lightning reports the missing file
-
-
-def with_shipped_configs(args: list[str]) -> list[str]:
-    """``args`` with every ``--config NAME`` that is not a file replaced by the shipped config's path."""
-    resolved = list(args)
-    for index, arg in enumerate(resolved):
-        if arg in CONFIG_FLAGS and index + 1 < len(resolved):
-            resolved[index + 1] = resolve_config(resolved[index + 1])
-        elif arg.startswith("--config="):
-            resolved[index] = "--config=" + resolve_config(arg.split("=", 1)[1])
-    return resolved

@@ -171,7 +171,7 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path, form: str = "auto", overwr
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprompt export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", type=Path, required=True, help="a checkpoint written by mmprompt fit")
-    parser.add_argument("--out_dir", "--output_dir", dest="out_dir", type=Path, default=None,
+    parser.add_argument("--out_dir", type=Path, default=None,
                         help="folder for the exported files (default: <run folder>/export)")
     parser.add_argument("--format", choices=("auto", "adapter", "open_clip", "both"), default="auto",
                         help="auto: the adapter form, plus the folded open_clip model when the method allows it")

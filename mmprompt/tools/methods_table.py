@@ -157,7 +157,7 @@ def markdown(rows: Sequence[MethodRow], counts: dict[str, int | str] | None = No
     return markdown_grid(header, cells)
 
 
-def plain(rows: Sequence[MethodRow], counts: dict[str, int | str] | None = None) -> str:
+def terminal_table(rows: Sequence[MethodRow], counts: dict[str, int | str] | None = None) -> str:
     """The table for a terminal: name, class (and parameters), then what each method is."""
     lines = []
     width = max([14, *(len(row.info.name) + 2 for row in rows)])
@@ -222,5 +222,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants is not None:
         rows = variant_rows(args.variants)
     counts = count_parameters(rows, args.count_parameters) if args.count_parameters else None
-    print(markdown(rows, counts, args.count_parameters or DOCS_MODEL) if args.markdown else plain(rows, counts), end="")
+    print(markdown(rows, counts, args.count_parameters or DOCS_MODEL) if args.markdown else terminal_table(rows, counts), end="")
     return 0

@@ -640,11 +640,11 @@ def write_report(tables: Sequence[Table], markdown: str, out: Path, fmt: str) ->
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprompt report", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="run folders searched recursively for results.json")
-    parser.add_argument("--out_dir", "--out", dest="out", type=Path, help="output folder (default: <first folder>/report)")
+    parser.add_argument("--out_dir", dest="out", type=Path, help="output folder (default: <first folder>/report)")
     parser.add_argument("--format", choices=("markdown", "csv", "both"), default="both", help="files to write")
     parser.add_argument("--std", choices=("sample", "population"), default="sample",
                         help="std over seeds: sample (ddof=1, default) or population (ddof=0)")
-    parser.add_argument("--skip_invalid", "--skip-invalid", action="store_true",
+    parser.add_argument("--skip_invalid", action="store_true",
                         help="report the valid runs and list invalid results.json files as warnings")
     parser.add_argument("--level", type=float, default=0.95,
                         help="confidence level of the intervals and paired differences (default 0.95)")

@@ -18,7 +18,7 @@ then ``mmprompt test`` that run's ``checkpoints/last.ckpt`` on each target. Zero
 on the seed). Everything after ``--`` is appended to every command, so it overrides the configs.
 
 ``--preset claims`` runs the series of sweeps in ``configs/presets/claims.yaml`` (`mmprompt.tools.sweep_preset`).
-``--dry-run`` prints the plan, ``--print-commands`` prints only the commands still to run (one per
+``--dry_run`` prints the plan, ``--print_commands`` prints only the commands still to run (one per
 line, for a cluster scheduler), otherwise the commands run one after another, or with ``--devices 0 1
 2 3`` in parallel, one per GPU (``CUDA_VISIBLE_DEVICES``), or with ``--launcher slurm`` as one SLURM job
 array through submitit (`mmprompt.tools.sweep_cluster`), and ``mmprompt report`` summarises ``out_dir`` at
@@ -43,15 +43,18 @@ from ..methods import label_of, method_names
 from ..results import RESULTS_FILE
 from ..run.shipped import default_configs_dir
 from . import report
+from .report import SOURCE_DATASET
+from ..data.registry import BASE2NEW, PROTOCOLS, protocol_datasets
+from ..methods import label_of, method_names
+from ..results import LAST_CKPT, RESULTS_FILE
+from ..run.shipped import default_configs_dir
 
-SOURCE_DATASET = transfer_source()
 #: default datasets (targets, for transfer protocols) per protocol: the dataset specs' membership
 PROTOCOL_DATASETS: dict[str, tuple[str, ...]] = {protocol: protocol_datasets(protocol) for protocol in PROTOCOLS}
 PROTOCOL_SHOTS: dict[str, tuple[int, ...]] = {"fewshot": (1, 2, 4, 8, 16)}
 DEFAULT_SHOTS = (16,)
 DEFAULT_SEEDS = (1, 2, 3)
 ZERO_SHOT = "zero_shot"
-LAST_CKPT = Path("checkpoints") / "last.ckpt"
 
 #: runs one command (argv list) on a device (None: as configured) and returns its exit status; tests inject a fake
 Runner = Callable[[list[str], str | None], int]
@@ -337,13 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", default="", help="protocol label in results.json (default: --protocol)")
     parser.add_argument("--source", default=SOURCE_DATASET, help="training dataset of transfer protocols")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--dry_run", "--dry-run", action="store_true", help="print the plan without running anything")
-    mode.add_argument("--print_commands", "--print-commands", action="store_true", help="print only the commands that can start now")
+    mode.add_argument("--dry_run", action="store_true", help="print the plan without running anything")
+    mode.add_argument("--print_commands", action="store_true", help="print only the commands that can start now")
     parser.add_argument("--devices", nargs="+", default=[], metavar="GPU",
                         help="run independent runs in parallel, one per GPU (each pinned with CUDA_VISIBLE_DEVICES), "
                         "e.g. --devices 0 1 2 3; default: one run at a time on what the configs choose")
-    parser.add_argument("--keep_going", "--keep-going", action="store_true", help="continue after a failed run (default: stop)")
-    parser.add_argument("--no_report", "--no-report", action="store_true", help="skip `mmprompt report` at the end")
+    parser.add_argument("--keep_going", action="store_true", help="continue after a failed run (default: stop)")
+    parser.add_argument("--no_report", action="store_true", help="skip `mmprompt report` at the end")
     from .sweep_cluster import add_launcher_arguments  # submitit, no torch
 
     add_launcher_arguments(parser)

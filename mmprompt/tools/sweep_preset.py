@@ -129,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweeps", nargs="+", default=[], metavar="LABEL", help="run only these sweeps of the preset")
     parser.add_argument("--datasets", nargs="+", default=[], help="run only these datasets of each sweep")
     parser.add_argument("--devices", nargs="+", default=[], help="run this many runs at a time (see mmprompt sweep)")
-    parser.add_argument("--dry_run", "--dry-run", action="store_true", help="print the plan without running anything")
-    parser.add_argument("--keep_going", "--keep-going", action="store_true", help="continue after a failed run")
-    parser.add_argument("--no_report", "--no-report", action="store_true", help="skip `mmprompt report` at the end")
+    parser.add_argument("--dry_run", action="store_true", help="print the plan without running anything")
+    parser.add_argument("--keep_going", action="store_true", help="continue after a failed run")
+    parser.add_argument("--no_report", action="store_true", help="skip `mmprompt report` at the end")
     return parser
 
 
