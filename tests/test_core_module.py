@@ -11,7 +11,9 @@ import torch
 from mmprompt.adapters import BiasTuning, CoCoOp, CoOp, MaPLe, VPTDeep
 from mmprompt.data import FewShotDataModule
 from mmprompt.classes import ClassSet
-from mmprompt.model.module import PromptCLIPModule, harmonic_mean
+from mmprompt.model import encoders
+from mmprompt.model.module import PromptCLIPModule
+from mmprompt.results import harmonic_mean
 from mmprompt.model.schedule import warmup_cosine_factor
 
 TINY = "mmprompt-tiny"

@@ -67,10 +67,6 @@ CONTRACTS: tuple[Contract, ...] = (
     Contract("the model side never imports data, analyses, runs or tools", ("mmprompt.model",),
              ("mmprompt.data", "mmprompt.analysis", "mmprompt.run", "mmprompt.tools"),
              allowed={
-                 ("mmprompt.model.module", "mmprompt.run.config"):
-                     "load_from_checkpoint reads checkpoints written before options were renamed through "
-                     "run/config.py's upgrade_hyper_parameters, next to the checks that refuse the former names "
-                     "in a config; a pure move kept it there",
                  ("mmprompt.model.pretrain", "mmprompt.data.world"):
                      "pretrain.py holds the pretraining LightningModule with its WorldDataModule, which draws "
                      "the captioned scenes from data/world.py; a pure move kept the two together",

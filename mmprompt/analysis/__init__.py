@@ -2,7 +2,7 @@
 and prompt analysis (docs/analysis.md §1-4). The callbacks run inside ``mmprompt test``.
 
 They read a trained model through the seam (attention sites, injections) and the masks of the data.
-May import: `model`, `data`, `tables`.
+May import: `model`, `data`, `results`, `tables`.
 Never imports: `run`, `tools`.
 """
 

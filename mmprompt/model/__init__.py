@@ -9,6 +9,6 @@
 
 May import: `adapters`, `classes`, `results`, `files` (and the package's ``__version__``).
 Never imports: `data`, `analysis`, `run`, `tools`.
-Two exceptions stand, with their reasons in tests/test_layering.py: ``module.py`` reads former option
-names through ``run/config.py``, and ``pretrain.py`` draws its captioned scenes from ``data/world.py``.
+One exception stands, with its reason in tests/test_layering.py: ``pretrain.py`` draws its captioned
+scenes from ``data/world.py``.
 """

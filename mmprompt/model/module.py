@@ -22,15 +22,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from .. import __version__
 from ..adapters.base import Adapter, BuildContext, PreparationContext, TrainingStep, check_fold_declaration
 from ..classes import ClassSet, ProvidesClassSets, ProvidesTrainingSet
-from ..results import harmonic_mean
-from ..run.config import current_init_args, upgrade_hyper_parameters
+from ..results import percent_accuracies
 from .attention import AttendFn, fused_attention, softmax_attention
 from .backbone import BackboneSpec, freeze, get_tokenizer, load_clip, shape_mismatches, shapes_of
-from ..classes import ClassSet, ProvidesClassSets, ProvidesTrainingSet
 from .encoders import (
     NO_INJECTION, EncoderOptions, TokenizedPrompts, check_supported_blocks, encode_image, encode_text, tokenize_prompts,
 )
-from ..results import percent_accuracies
 from .schedule import warmup_cosine_factor
 
 log = logging.getLogger(__name__)
