@@ -12,6 +12,7 @@ import torch  # noqa: E402
 
 from mmprompt.data import FewShotDataModule  # noqa: E402
 from mmprompt.classes import ClassSet  # noqa: E402
+from mmprompt.model.backbone import BackboneSpec, get_tokenizer, load_clip  # noqa: E402
 
 TINY = "mmprompt-tiny"
 

@@ -13,7 +13,7 @@ from mmprompt.adapters import (
     TextDeep, TipAdapter, TipAdapterF, VPTDeep, ZeroShot,
 )
 from mmprompt.adapters.base import PreparationContext
-from mmprompt import method_table
+from mmprompt.tools import methods_table
 from mmprompt.classes import ClassSet
 from mmprompt.model.module import PromptCLIPModule, word_embedder
 

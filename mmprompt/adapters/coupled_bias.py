@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..methods import register_method
+from ..model.encoders import Injection
 from .base import Adapter, BuildContext, select_layers
 from .bias import Placement, bias_injection, places_of
 from .components import text_to_vision_projections
