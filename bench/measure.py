@@ -55,6 +55,8 @@ class RssSampler:
     def __init__(self, interval_s: float = 0.01) -> None:
         self.interval_s = interval_s
         self.peak = current_rss()
+        self.polls = 0
+        self._polled = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -62,7 +64,18 @@ class RssSampler:
     def _poll(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, current_rss())
+            with self._polled:
+                self.polls += 1
+                self._polled.notify_all()
             time.sleep(self.interval_s)
+
+    def wait_for_poll(self, timeout_s: float = 10.0) -> None:
+        """Return once the thread has read the RSS after this call (the read in flight may predate it, so
+        two polls): what is allocated now is then in `peak`, with no guess at how long to sleep."""
+        with self._polled:
+            target = self.polls + 2
+            if not self._polled.wait_for(lambda: self.polls >= target, timeout_s):
+                raise TimeoutError(f"the RSS sampler did not poll within {timeout_s} s")
 
     def reset(self) -> int:
         self.peak = current_rss()
@@ -112,6 +125,11 @@ class Meter:
         peak = self._sampler.peak if self._sampler is not None else torch.cuda.max_memory_allocated(self.device)
         if keep:
             self.samples.setdefault(label, []).append(Sample(seconds, max(0, peak - base)))
+
+    def wait_for_sample(self) -> None:
+        """Until the memory now in use is counted in the running measurement's peak (CUDA: at once)."""
+        if self._sampler is not None:
+            self._sampler.wait_for_poll()
 
     def seconds(self, label: str) -> list[float]:
         return [sample.seconds for sample in self.samples.get(label, [])]

@@ -105,10 +105,24 @@ def child_pids(parent: int) -> list[int]:
     return children
 
 
+class ProcessInFastTest(AssertionError):
+    """A test outside the ``slow`` mark started a process (tests/conftest.py refuses it)."""
+
+
+def torch_threads() -> int:
+    """This test process's share of the cores: the pytest-xdist workers split them (one each at least),
+    at most 2. Threads beyond the cores make every OpenMP region spin against the other workers."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
 def cli_env() -> dict[str, str]:
-    """This checkout first on the path (not an installed copy), tests folder for test callbacks, offline."""
+    """This checkout first on the path (not an installed copy), tests folder for test callbacks, offline;
+    under pytest-xdist the worker's share of the cores (a DDP job splits it between its ranks)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     env.pop("MMPROMPT_RUN_DIR", None)
+    if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+        env.setdefault("OMP_NUM_THREADS", str(torch_threads()))
     return env
 
 

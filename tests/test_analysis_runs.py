@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,15 +30,8 @@ TRAINER = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=F
                enable_checkpointing=False, limit_test_batches=2)
 
 
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("data")
-    FewShotDataModule(dataset="synthetic", root=str(root), shots=1, image_size=64).prepare_data()
-    return str(root)
-
-
-def datamodule(root: str, batch_size: int = 10) -> FewShotDataModule:
-    return FewShotDataModule(dataset="synthetic", root=root, shots=1, image_size=64, eval_batch_size=batch_size)
+def datamodule(root: Path, batch_size: int = 10) -> FewShotDataModule:
+    return FewShotDataModule(dataset="synthetic", root=str(root), shots=1, image_size=64, eval_batch_size=batch_size)
 
 
 def make_module(adapter, seed: int = 0) -> PromptCLIPModule:
@@ -45,7 +39,7 @@ def make_module(adapter, seed: int = 0) -> PromptCLIPModule:
     return PromptCLIPModule(adapter, model_name="mmprompt-tiny", pretrained=None)
 
 
-def record(module, root: str, folder, **callback_args) -> tuple[AttentionStatistics, dict]:
+def record(module, root: Path, folder, **callback_args) -> tuple[AttentionStatistics, dict]:
     callback = AttentionStatistics(output_dir=str(folder), **callback_args)
     trainer = L.Trainer(callbacks=[callback], **TRAINER)
     results = trainer.test(module, datamodule=datamodule(root), verbose=False)
@@ -92,6 +86,7 @@ def test_statistics_during_validation_are_per_epoch(data_root, tmp_path):
     assert torch.tensor(callback.summary["vision"]["prompt_mass"]).abs().max() == 0
 
 
+@pytest.mark.slow
 def test_ddp_recording_equals_single_process(data_root, tmp_path):
     """The first 40 test images: 4 batches of 10 in one process, 2 per rank (interleaved shards) in two."""
     callback = AttentionStatistics(output_dir=str(tmp_path / "single"), max_batches=100, print_summary=False)
@@ -133,12 +128,12 @@ def test_interventions_table_on_a_prompt_and_a_bias_model(data_root, tmp_path):
         evaluate_interventions(bias, datamodule(data_root), ["full"], "text", "0:20", kwargs)
 
 
-def trained_run(module: PromptCLIPModule, root: str, folder, seed: int) -> tuple:
+def trained_run(module: PromptCLIPModule, root: Path, folder, seed: int) -> tuple:
     """A run folder as `mmprompt fit` leaves it: config.yaml and a checkpoint of a (perturbed) adapter."""
     with torch.no_grad():  # a trained adapter: only the checkpoint can bring these values back
         for p in module.adapter.parameters():
             p.add_(torch.randn_like(p))
-    data = {"dataset": "synthetic", "root": root, "shots": 1, "eval_batch_size": 50}  # image_size: linked
+    data = {"dataset": "synthetic", "root": str(root), "shots": 1, "eval_batch_size": 50}  # image_size: linked
     trainer = L.Trainer(**{**TRAINER, "limit_test_batches": 1})
     expected = trainer.test(module, datamodule=FewShotDataModule(**data, image_size=64), verbose=False)[0]
     (folder / "checkpoints").mkdir(parents=True)
@@ -214,6 +209,7 @@ def test_statistics_and_an_intervention_share_one_test_run(data_root, tmp_path):
     assert (ratios["maple"] - ratios["zs"]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_table_and_prompt_analysis_under_ddp_equal_one_process(data_root, tmp_path):
     """Every rank evaluates its shard per mode and the counts are summed; the prompt tables come from
     the first test batches whatever the number of processes; rank 0 writes."""

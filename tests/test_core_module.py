@@ -46,13 +46,6 @@ def test_harmonic_mean():
     assert harmonic_mean(0.0, 0.0) == 0.0
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    FewShotDataModule(dataset="synthetic", root=str(root), image_size=64).prepare_data()
-    return root
-
-
 def _datamodule(root, **overrides) -> FewShotDataModule:
     settings = dict(dataset="synthetic", root=str(root), image_size=64, shots=4, subsample="base",
                     batch_size=4, eval_batch_size=10)
@@ -81,9 +74,9 @@ def _count_text_passes(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("adapter, per_batch", [(MaPLe(depth=3), False), (CoCoOp(), True)], ids=["maple", "cocoop"])
-def test_text_features_are_computed_once_per_evaluation(tmp_path, synthetic_root, monkeypatch, adapter, per_batch):
+def test_text_features_are_computed_once_per_evaluation(tmp_path, data_root, monkeypatch, adapter, per_batch):
     module = PromptCLIPModule(adapter, model_name=TINY, pretrained=None)
-    datamodule = _datamodule(synthetic_root)
+    datamodule = _datamodule(data_root)
     calls = _count_text_passes(monkeypatch)
     trainer = _trainer(tmp_path, limit_test_batches=3)
     trainer.test(module, datamodule=datamodule, verbose=False)
@@ -94,17 +87,17 @@ def test_text_features_are_computed_once_per_evaluation(tmp_path, synthetic_root
         harmonic_mean(module.test_results["test/base/acc"], module.test_results["test/new/acc"]))
 
 
-def test_frozen_text_side_is_encoded_once_per_training_run(tmp_path, synthetic_root, monkeypatch):
+def test_frozen_text_side_is_encoded_once_per_training_run(tmp_path, data_root, monkeypatch):
     module = PromptCLIPModule(VPTDeep(n_ctx=2, depth=3), model_name=TINY, pretrained=None)
     calls = _count_text_passes(monkeypatch)
-    _trainer(tmp_path, limit_val_batches=0).fit(module, datamodule=_datamodule(synthetic_root))
+    _trainer(tmp_path, limit_val_batches=0).fit(module, datamodule=_datamodule(data_root))
     assert len(calls) == 1
 
 
-def test_checkpoint_holds_only_adapter_tensors_and_round_trips(tmp_path, synthetic_root):
+def test_checkpoint_holds_only_adapter_tensors_and_round_trips(tmp_path, data_root):
     torch.manual_seed(0)
     module = PromptCLIPModule(MaPLe(depth=3), model_name=TINY, pretrained=None, lr=0.05, warmup_epochs=0)
-    datamodule = _datamodule(synthetic_root)
+    datamodule = _datamodule(data_root)
     trainer = _trainer(tmp_path)
     trainer.fit(module, datamodule=datamodule)
     path = tmp_path / "adapter.ckpt"
@@ -127,19 +120,19 @@ def test_checkpoint_holds_only_adapter_tensors_and_round_trips(tmp_path, synthet
         assert torch.equal(restored(images, classes), module(images, classes))
 
 
-def test_loading_another_adapters_checkpoint_says_what_differs(tmp_path, synthetic_root):
+def test_loading_another_adapters_checkpoint_says_what_differs(tmp_path, data_root):
     module = PromptCLIPModule(MaPLe(depth=3), model_name=TINY, pretrained=None)
     trainer = _trainer(tmp_path)
-    trainer.fit(module, datamodule=_datamodule(synthetic_root))
+    trainer.fit(module, datamodule=_datamodule(data_root))
     path = tmp_path / "maple.ckpt"
     trainer.save_checkpoint(path)
     other = PromptCLIPModule(BiasTuning(depth=3), model_name=TINY, pretrained=None)
     with pytest.raises(ValueError, match=r"adapter: checkpoint 'mmprompt.adapters.maple.MaPLe', this model "
                                          r"'mmprompt.adapters.bias.BiasTuning'"):
-        _trainer(tmp_path).test(other, datamodule=_datamodule(synthetic_root), ckpt_path=str(path))
+        _trainer(tmp_path).test(other, datamodule=_datamodule(data_root), ckpt_path=str(path))
     deeper = PromptCLIPModule(MaPLe(depth=4), model_name=TINY, pretrained=None)
     with pytest.raises(ValueError, match="adapter tensor shapes differ"):
-        _trainer(tmp_path).test(deeper, datamodule=_datamodule(synthetic_root), ckpt_path=str(path))
+        _trainer(tmp_path).test(deeper, datamodule=_datamodule(data_root), ckpt_path=str(path))
     other_backbone = PromptCLIPModule(MaPLe(depth=3), model_name="mmprompt-tiny-wide", pretrained=None)
     with pytest.raises(ValueError, match=r"model_name: checkpoint 'mmprompt-tiny', this model 'mmprompt-tiny-wide'"):
         other_backbone.on_load_checkpoint(torch.load(path, weights_only=False))
@@ -159,21 +152,21 @@ def test_novel_classes_are_set_at_test_time_without_retraining():
         assert module(images, base).shape == (2, 2)
 
 
-def test_bf16_mixed_precision_trains(tmp_path, synthetic_root):
+def test_bf16_mixed_precision_trains(tmp_path, data_root):
     module = PromptCLIPModule(MaPLe(depth=3), model_name=TINY, pretrained=None, warmup_epochs=0, lr=0.05)
     before = module.adapter.text.context.detach().clone()
     trainer = _trainer(tmp_path, precision="bf16-mixed", limit_val_batches=0)
-    trainer.fit(module, datamodule=_datamodule(synthetic_root))
+    trainer.fit(module, datamodule=_datamodule(data_root))
     loss = trainer.callback_metrics["train/loss"]
     assert math.isfinite(float(loss))
     assert module.adapter.text.context.dtype == torch.float32
     assert not torch.equal(module.adapter.text.context.detach(), before)
 
 
-def test_image_size_mismatch_is_reported(tmp_path, synthetic_root):
+def test_image_size_mismatch_is_reported(tmp_path, data_root):
     module = PromptCLIPModule(BiasTuning(depth=2), model_name=TINY, pretrained=None)
     with pytest.raises(ValueError, match=r"data.image_size=224 but model 'mmprompt-tiny' takes 64px"):
-        _trainer(tmp_path).test(module, datamodule=_datamodule(synthetic_root, image_size=224))
+        _trainer(tmp_path).test(module, datamodule=_datamodule(data_root, image_size=224))
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
@@ -195,21 +188,21 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
 
 
-def test_predict_returns_probabilities_over_each_test_class_set(tmp_path, synthetic_root):
+def test_predict_returns_probabilities_over_each_test_class_set(tmp_path, data_root):
     module = PromptCLIPModule(MaPLe(depth=3), model_name=TINY, pretrained=None)
-    outputs = _trainer(tmp_path, limit_predict_batches=1).predict(module, datamodule=_datamodule(synthetic_root))
+    outputs = _trainer(tmp_path, limit_predict_batches=1).predict(module, datamodule=_datamodule(data_root))
     base, novel = outputs  # one list of batches per test dataloader: base and new classes
     assert base[0]["probability"].shape == (10, 5) and novel[0]["probability"].shape == (10, 5)
     assert torch.allclose(base[0]["probability"].sum(-1), torch.ones(10))
     assert torch.equal(base[0]["prediction"], base[0]["probability"].argmax(-1))
 
 
-def test_train_val_and_test_accuracies_share_one_unit_percent(tmp_path, synthetic_root, monkeypatch):
+def test_train_val_and_test_accuracies_share_one_unit_percent(tmp_path, data_root, monkeypatch):
     monkeypatch.setattr("torchmetrics.classification.MulticlassAccuracy.compute", lambda self: torch.tensor(0.25))
     module = PromptCLIPModule(BiasTuning(depth=2), model_name=TINY, pretrained=None)
     trainer = _trainer(tmp_path, limit_test_batches=1)
-    trainer.fit(module, datamodule=_datamodule(synthetic_root))
+    trainer.fit(module, datamodule=_datamodule(data_root))
     assert float(trainer.logged_metrics["train/acc"]) == pytest.approx(25.0)
     assert float(trainer.logged_metrics["val/base/acc"]) == pytest.approx(25.0)
-    trainer.test(module, datamodule=_datamodule(synthetic_root), verbose=False)
+    trainer.test(module, datamodule=_datamodule(data_root), verbose=False)
     assert module.test_results["test/base/acc"] == pytest.approx(25.0)

@@ -128,6 +128,7 @@ def test_validate_stage_and_dataloader_before_setup(tmp_path):
     assert len(dm.val_dataloader().dataset) == 3
 
 
+@pytest.mark.slow
 def test_another_process_draws_the_same_split(pool_root):
     """What a second rank or machine does: a fresh interpreter with another hash seed, no cache."""
     import os

@@ -31,13 +31,6 @@ def ddp(devices: int) -> list[str]:
     return ["--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", "ddp"]
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    FewShotDataModule(dataset="synthetic", root=str(root), image_size=64).prepare_data()
-    return root
-
-
 def ok(result) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -277,7 +270,7 @@ def test_sweep_runs_two_jobs_in_parallel_one_per_device(data_root, tmp_path):
     assert "sweep: 2 skipped" in again.stdout
 
 
-
+@pytest.mark.slow
 def test_hard_deadline_kills_children_and_fails_instead_of_hanging():
     child = subprocess.Popen(["sleep", "60"])
     started = time.perf_counter()

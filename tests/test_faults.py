@@ -35,13 +35,6 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"]
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    FewShotDataModule(dataset="synthetic", root=str(root), image_size=64).prepare_data()
-    return root
-
-
-@pytest.fixture(scope="module")
 def trained(data_root, tmp_path_factory) -> Path:
     """A finished tiny MaPLe run (1 epoch, 1 batch): its folder."""
     out = tmp_path_factory.mktemp("runs")

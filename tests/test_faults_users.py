@@ -34,11 +34,6 @@ ONE_BATCH = ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches"
              "--trainer.limit_test_batches", "1"]
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data")
-
-
 def fit_args(data_root: Path, out: Path, *more: str) -> list[str]:
     return ["fit", "--config", DEMO, "--data.root", str(data_root), "--out_dir", str(out), "--compare_zero_shot", "false",
             *ONE_BATCH, *QUIET, *more]

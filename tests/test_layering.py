@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -468,3 +470,17 @@ def test_folder_docstrings_that_disagree_with_the_contracts_are_named(bad_packag
         assert any(problem.startswith(start) for problem in problems), (start, problems)
     assert not any(problem.startswith("mmprompt/tools/sweep.py") for problem in problems)  # data is named
     assert not any(problem.startswith("mmprompt/adapters/good.py") for problem in problems)
+
+
+def test_a_fast_test_that_starts_python_or_ddp_workers_fails_naming_the_mark():
+    """The fast loop stays fast: outside ``@pytest.mark.slow`` a Python process or ``ddp_spawn`` is refused
+    (tests/conftest.py), while other programs run."""
+    import torch.multiprocessing
+
+    from run_helpers import ProcessInFastTest
+
+    with pytest.raises(ProcessInFastTest, match="starts a process: mark it @pytest.mark.slow"):
+        subprocess.run([sys.executable, "-c", "pass"])
+    with pytest.raises(ProcessInFastTest, match="mark it @pytest.mark.slow"):
+        torch.multiprocessing.start_processes(print, nprocs=2)
+    assert subprocess.run(["true"]).returncode == 0

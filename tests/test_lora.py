@@ -147,19 +147,12 @@ def test_gradients_reach_b_first_then_a_and_never_clip(images):
     assert all(value > 0 for name, value in grads[1].items())
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    FewShotDataModule(dataset="synthetic", root=str(root), image_size=64).prepare_data()
-    return root
-
-
-def test_a_short_fit_on_synthetic_data_lowers_the_loss(synthetic_root, tmp_path):
+def test_a_short_fit_on_synthetic_data_lowers_the_loss(data_root, tmp_path):
     torch.manual_seed(0)
     # the tiny random CLIP has far smaller activations than real CLIP: AdamW 1e-2 instead of the paper's 2e-4
     module = PromptCLIPModule(LoRA(), model_name=TINY, pretrained=None, warmup_epochs=0,
                               optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2))
-    datamodule = FewShotDataModule(dataset="synthetic", root=str(synthetic_root), image_size=64, shots=4,
+    datamodule = FewShotDataModule(dataset="synthetic", root=str(data_root), image_size=64, shots=4,
                                    subsample="base", batch_size=8, eval_batch_size=10)
     datamodule.prepare_data()
     datamodule.setup("fit")

@@ -48,17 +48,12 @@ def tiny_module(adapter, seed: int = 0) -> PromptCLIPModule:
 
 
 @pytest.fixture(scope="module")
-def datamodule(tmp_path_factory) -> FewShotDataModule:
-    """The synthetic dataset (generated once), SHOTS per class."""
-    data = FewShotDataModule(dataset="synthetic", root=str(tmp_path_factory.mktemp("data")), image_size=64,
-                             shots=SHOTS, batch_size=6, eval_batch_size=20)
+def datamodule(data_root) -> FewShotDataModule:
+    """The synthetic dataset, SHOTS per class."""
+    data = FewShotDataModule(dataset="synthetic", root=str(data_root), image_size=64, shots=SHOTS, batch_size=6,
+                             eval_batch_size=20)
     data.prepare_data()
     return data
-
-
-@pytest.fixture(scope="module")
-def data_root(datamodule) -> Path:
-    return Path(datamodule.root)
 
 
 @pytest.fixture(scope="module")

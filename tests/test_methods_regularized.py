@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader
 from mmprompt.adapters import KgCoOp, PromptSRC
 from mmprompt.adapters.promptsrc import PROMPTSRC_TEMPLATES, gaussian_epoch_weights
 from mmprompt.classes import ClassSet
-from mmprompt.data import FewShotDataModule
 from mmprompt.methods import label_of
 from mmprompt.model.module import PromptCLIPModule
 from mmprompt.run.cli import cli_main, main
@@ -284,13 +283,6 @@ def test_after_the_last_epoch_the_prompts_are_the_gaussian_average_and_resume_is
 
 
 # ----------------------------------------------------------------------------- command line, 2 processes
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    FewShotDataModule(dataset="synthetic", root=str(root), image_size=64).prepare_data()
-    return root
 
 
 def logged_columns(run: Path) -> set[str]:

@@ -5,12 +5,14 @@ Tiny configs only (ViT-B/16 is marked slow). Nothing here times anything: see be
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import replace
 
 import pytest
 import torch
+from method_helpers import adapter_id, registered_adapters
 
-from mmprompt.adapters import IVLP, BiasTuning, CoCoOp, CoOp, CoupledBiasTuning, LoRA, MaPLe, VPTDeep, ZeroShot
+from mmprompt.adapters import CoCoOp, MaPLe
 from mmprompt.model.attention import softmax_attention
 from mmprompt.classes import ClassSet
 from mmprompt.model.encoders import encode_image, encode_text, length_buckets, tokenize_prompts
@@ -43,15 +45,15 @@ def _module(adapter, model_name: str = TINY) -> PromptCLIPModule:
     return _perturb(PromptCLIPModule(adapter, model_name=model_name, pretrained=None).eval())
 
 
-def _with_options(module: PromptCLIPModule, **options) -> PromptCLIPModule:
-    """The same weights under other speed options (the caches depend on them, so clear both)."""
-    module.speed = replace(module.speed, **options)
-    module._prompt_cache.clear()
-    module._text_cache.clear()
-    return module
+def running_as(module: PromptCLIPModule, **options) -> AbstractContextManager:
+    """The same weights under other speed options, with text caches of their own (the caches depend on
+    the options); the module's options and caches come back on leaving."""
+    return module.running_with(replace(module.speed, **options))
 
 
-ADAPTERS = [ZeroShot, CoOp, VPTDeep, IVLP, MaPLe, BiasTuning, CoupledBiasTuning, CoCoOp, LoRA]
+def trains(adapter_type) -> bool:
+    """Whether the method's adapter, as registered (default arguments), has tensors to train at build."""
+    return _module(adapter_type()).adapter.num_trainable_parameters() > 0
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +61,13 @@ def images() -> torch.Tensor:
     return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("adapter_class", ADAPTERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("adapter_class", registered_adapters(), ids=adapter_id)
 def test_fast_path_logits_equal_the_naive_path(adapter_class, images):
     module = _module(adapter_class())
     with torch.no_grad():
         fast = module(images, CLASSES)
-        naive = _with_options(module, **NAIVE)(images, CLASSES)
+        with running_as(module, **NAIVE):
+            naive = module(images, CLASSES)
     _close(fast, naive, atol=1e-4)
 
 
@@ -73,8 +76,9 @@ def test_truncated_context_text_features_equal_full_context():
     with torch.no_grad():
         truncated = module.encode_classes(CLASSES)
         assert module.prompts_for(CLASSES)[0].token_ids.shape[1] < 20
-        full = _with_options(module, truncate_text=False).encode_classes(CLASSES)
-        assert module.prompts_for(CLASSES)[0].token_ids.shape[1] == 77
+        with running_as(module, truncate_text=False):
+            full = module.encode_classes(CLASSES)
+            assert module.prompts_for(CLASSES)[0].token_ids.shape[1] == 77
     _close(truncated, full)
 
 
@@ -83,8 +87,10 @@ def test_chunked_text_pass_equals_unchunked(chunk_size):
     module = _module(MaPLe(n_ctx=2, depth=9))
     with torch.no_grad():
         whole = module.encode_classes(CLASSES)
-        chunked = _with_options(module, text_chunk_size=chunk_size).encode_classes(CLASSES)
-        plain = _with_options(module, text_chunk_size=None, bucket_text=True).encode_classes(CLASSES)
+        with running_as(module, text_chunk_size=chunk_size):
+            chunked = module.encode_classes(CLASSES)
+        with running_as(module, text_chunk_size=None, bucket_text=True):
+            plain = module.encode_classes(CLASSES)
     _close(chunked, whole)
     _close(plain, whole)
 
@@ -94,11 +100,12 @@ def test_cached_and_uncached_evaluation_predict_the_same(images):
     batches = [images, images.flip(0), images * 0.5]
     with torch.no_grad():
         module.on_test_epoch_start()
-        cached = [module(batch, CLASSES) for batch in batches]
-        assert CLASSES in module._text_cache  # encoded once, reused for the later batches
-        _with_options(module, cache_text_features=False)
-        uncached = [module(batch, CLASSES) for batch in batches]
-        assert not module._text_cache
+        with running_as(module) as caches:
+            cached = [module(batch, CLASSES) for batch in batches]
+            assert list(caches.features) == [CLASSES]  # encoded once, reused for the later batches
+        with running_as(module, cache_text_features=False) as caches:
+            uncached = [module(batch, CLASSES) for batch in batches]
+            assert not caches.features
     for a, b in zip(cached, uncached):
         assert torch.equal(a.argmax(-1), b.argmax(-1))
         _close(a, b)
@@ -110,38 +117,49 @@ def test_running_with_other_options_keeps_its_own_caches_and_restores_the_module
     with torch.no_grad():
         module.on_test_epoch_start()
         fast = module(images, CLASSES)
+        cached = module.text_features(CLASSES)
         with module.running_with(NAIVE | {"cache_text_features": True}) as caches:
             assert module.speed.attention == "explicit" and not module.speed.truncate_text
             naive = module(images, CLASSES)
             assert list(caches.features) == [CLASSES] and len(caches.prompts) == 1
         again = module(images, CLASSES)
-    assert module.speed == own and list(module._text_cache) == [CLASSES]  # its own, as before the block
-    assert caches.features[CLASSES] is not module._text_cache[CLASSES]
+        assert module.speed == own and module.text_features(CLASSES) is cached  # its own cache, as before the block
+    assert caches.features[CLASSES] is not cached
     _close(naive, fast)
     assert torch.equal(again, fast)
 
 
 def test_text_cache_is_bypassed_while_text_prompts_train():
     module = _module(MaPLe(n_ctx=2, depth=3)).train()
-    with torch.enable_grad():
+    with torch.enable_grad(), running_as(module) as caches:
         first = module.text_features(CLASSES)
-    assert first.requires_grad and not module._text_cache
+    assert first.requires_grad and not caches.features
 
 
-def test_training_gradients_equal_the_naive_path(images):
-    module = _module(MaPLe(n_ctx=2, depth=9)).train()
+@pytest.mark.parametrize("adapter_class", [a for a in registered_adapters() if trains(a)], ids=adapter_id)
+def test_training_gradients_equal_the_naive_path(adapter_class, images):
+    module = _module(adapter_class()).train()
+    for dropout in (m for m in module.adapter.modules() if isinstance(m, torch.nn.Dropout)):
+        dropout.eval()  # its masks take the shape of the path's tensors (truncated text is shorter): off here
     labels = torch.tensor([0, 2, 5])
 
     def gradients() -> list[torch.Tensor]:
         module.adapter.zero_grad()
         torch.nn.functional.cross_entropy(module(images, CLASSES), labels).backward()
-        return [p.grad.clone() for p in module.adapter.parameters()]
+        return [p.grad.clone() for p in module.adapter.parameters() if p.requires_grad]
 
     fast = gradients()
-    _with_options(module, **NAIVE)
-    naive = gradients()
+    with running_as(module, **NAIVE):
+        naive = gradients()
+    assert len(fast) == len(naive) > 0
     for a, b in zip(fast, naive):
         _close(a, b, atol=1e-5)
+
+
+def test_only_the_training_free_methods_have_nothing_to_train_at_build():
+    """The gradient test above covers every other method; Tip-Adapter-F's keys appear with its cache
+    (tests/test_methods_feature_cache.py)."""
+    assert {a.__name__ for a in registered_adapters() if not trains(a)} == {"ZeroShot", "TipAdapter", "TipAdapterF"}
 
 
 def test_length_buckets_cover_every_prompt_once_and_respect_chunk_size():
@@ -190,5 +208,6 @@ def test_fast_path_equals_naive_path_on_vit_b16():
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         fast = module(images, CLASSES)
-        naive = _with_options(module, **NAIVE)(images, CLASSES)
+        with running_as(module, **NAIVE):
+            naive = module(images, CLASSES)
     _close(fast, naive, atol=1e-3)

@@ -53,9 +53,9 @@ def test_zero_shot_on_the_held_out_world_knows_colour_and_shape():
     assert metrics["val/shape_acc"] >= SHAPE_MIN, metrics
 
 
-def _demo(tmp_path: Path, name: str, *extra: str) -> tuple[dict, Path]:
+def _demo(data_root: Path, tmp_path: Path, name: str, *extra: str) -> tuple[dict, Path]:
     """The README's main job as shipped (its AttentionStatistics callback included), fit then test."""
-    assert main(["fit", "--config", DEMO, "--data.root", str(tmp_path / "data"), "--out_dir", str(tmp_path),
+    assert main(["fit", "--config", DEMO, "--data.root", str(data_root), "--out_dir", str(tmp_path),
                  "--name", name, "--version", "v0", "--trainer.enable_progress_bar", "false", *extra]) == 0
     run = tmp_path / name / "v0"
     return json.loads((run / "results.json").read_text()), run
@@ -71,9 +71,10 @@ def _last_layers_fg_ratio(run: Path, layers: int = 4) -> float:
 FITS = [("maple", [], 11.0), ("bias", ["--config", str(CONFIGS / "methods" / "bias.yaml"), "--model.lr", "0.5"], 8.3)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,extra,measured_gain", FITS, ids=[fit[0] for fit in FITS])
-def test_the_main_job_tunes_past_zero_shot_on_base_and_novel(tmp_path, method, extra, measured_gain):
-    results, run = _demo(tmp_path, method, *extra)
+def test_the_main_job_tunes_past_zero_shot_on_base_and_novel(data_root, tmp_path, method, extra, measured_gain):
+    results, run = _demo(data_root, tmp_path, method, *extra)
     tuned, zero_shot = results["metrics"], results["zero_shot_metrics"]
     assert tuned["test/base/acc"] >= zero_shot["test/base/acc"] + measured_gain - 7, results
     assert tuned["test/new/acc"] >= zero_shot["test/new/acc"] - 5 and tuned["test/new/acc"] >= 2 * CHANCE, results
@@ -82,9 +83,10 @@ def test_the_main_job_tunes_past_zero_shot_on_base_and_novel(tmp_path, method, e
 
 
 @pytest.mark.parametrize("pretrained,low,high", [("synthetic-world", 1.5, 10.0), ("null", 0.9, 1.15)])
-def test_cls_attends_to_the_foreground_after_pretraining_and_not_at_random_init(tmp_path, pretrained, low, high):
+def test_cls_attends_to_the_foreground_after_pretraining_and_not_at_random_init(data_root, tmp_path, pretrained, low,
+                                                                               high):
     """Zero-shot on world-shapes with the demo's statistics callback; a random-weight CLIP is the control."""
     assert main(["test", "--config", DEMO, "--config", str(CONFIGS / "methods" / "zero_shot.yaml"),
-                 "--model.pretrained", pretrained, "--data.root", str(tmp_path / "data"), "--out_dir", str(tmp_path),
+                 "--model.pretrained", pretrained, "--data.root", str(data_root), "--out_dir", str(tmp_path),
                  "--name", "zero_shot", "--version", "v0", "--trainer.enable_progress_bar", "false"]) == 0
     assert low <= _last_layers_fg_ratio(tmp_path / "zero_shot" / "v0") <= high

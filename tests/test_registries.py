@@ -62,6 +62,7 @@ def test_the_registry_read_from_source_equals_the_decorators():
     assert all(getattr(adapters, info.label) is import_object(info.class_path) for info in methods())
 
 
+@pytest.mark.slow
 def test_reading_the_registry_imports_no_torch():
     code = ("import sys; from mmprompt.tools import report, sweep; from mmprompt.methods import methods; "
             "print(len(methods()), sweep.method_label('maple'), 'torch' in sys.modules)")
@@ -177,20 +178,30 @@ def test_a_method_config_the_table_cannot_read_is_named(tmp_path, config, messag
         methods_table.method_rows(tmp_path, [coop])
 
 
-@pytest.mark.parametrize("tool", ["report", "sweep", "methods"])
-def test_the_instant_tools_start_without_importing_torch(tool):
-    code = (f"import sys\nfrom mmprompt.run.commands import main\ntry:\n    main([{tool!r}, '--help'])\n"
+def in_fresh_python(*argv: str) -> list[str]:
+    """``mmprompt ARGV`` in a new interpreter: its output lines, then whether it imported torch."""
+    code = (f"import sys\nfrom mmprompt.run.commands import main\ntry:\n    main({list(argv)!r})\n"
             "except SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
-    assert f"mmprompt {tool}" in out and out.splitlines()[-1] == "torch imported: False"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                          timeout=60).stdout.splitlines()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, printed", [
+    (["--help"], "export"), (["--version"], "mmprompt 0.1.0"), (["report", "--help"], "mmprompt report"),
+    (["sweep", "--help"], "mmprompt sweep"), (["methods", "--help"], "mmprompt methods"),
+], ids=" ".join)
+def test_the_instant_commands_answer_without_importing_torch(argv, printed):
+    """What answers at once must not pay torch's import (seconds): help, version, report, sweep, methods."""
+    out = in_fresh_python(*argv)
+    assert any(printed in line for line in out[:-1]) and out[-1] == "torch imported: False"
+
+
+@pytest.mark.slow
 def test_mmprompt_methods_lists_the_registry_without_importing_torch():
-    out = subprocess.run([sys.executable, "-c", "import sys; from mmprompt.run.commands import main; main(['methods']); "
-                          "print('torch' in sys.modules)"], capture_output=True, text=True, check=True, cwd=REPO).stdout
-    lines = out.splitlines()
+    lines = in_fresh_python("methods")
     assert [line.split()[:2] for line in lines[:-1]] == [[info.name, info.label] for info in methods()]
-    assert lines[-1] == "False"
+    assert lines[-1] == "torch imported: False"
 
 
 @pytest.mark.parametrize("text, message", [

@@ -197,13 +197,16 @@ def test_missing_configs_listed_before_anything_runs(workdir, capsys):
 
 
 class SlowRunner(FakeRunner):
-    """A FakeRunner whose runs take a while, recording which device each ran on and how many overlapped."""
+    """A FakeRunner whose runs take a while, recording which device each ran on and how many overlapped.
+    With ``meet=2`` the first two runs wait for each other: a sweep that ran them one after the other
+    would fail at the barrier instead of merely being slower."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, meet: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.lock, self.active, self.most_at_once = threading.Lock(), set(), 0
         self.devices: dict[str, str | None] = {}
         self.started: list[str] = []  # in start order (run_names is in finishing order)
+        self.meeting = threading.Barrier(meet, timeout=30) if meet else None
 
     def __call__(self, command: list[str], device: str | None = None) -> int:
         name = f"{option(command, '--name')}/{option(command, '--version')}"
@@ -213,6 +216,9 @@ class SlowRunner(FakeRunner):
             self.most_at_once = max(self.most_at_once, len(self.active))
             self.devices[name] = device
             self.started.append(name)
+            first = len(self.started) <= (self.meeting.parties if self.meeting else 0)
+        if first:
+            self.meeting.wait()  # raises BrokenBarrierError if the others never start
         time.sleep(0.2)
         with self.lock:
             self.active.discard(device)
@@ -221,13 +227,10 @@ class SlowRunner(FakeRunner):
 
 def test_devices_run_independent_runs_in_parallel_one_per_device_with_skip_and_resume(workdir, capsys):
     finished_and_killed_runs(workdir)
-    runner = SlowRunner()
-    started = time.perf_counter()
+    runner = SlowRunner(meet=2)  # two runs at once, on two devices: one at a time would break the barrier
     assert sweep.main(base2new(workdir, "--no_report", "--devices", "0", "1"), runner=runner) == 0
-    elapsed = time.perf_counter() - started
     assert runner.most_at_once == 2 and set(runner.devices.values()) == {"0", "1"}
     assert len(runner.commands) == 7 and "MaPLe-eurosat/seed1" not in runner.run_names
-    assert elapsed < 7 * 0.2  # 7 runs of 0.2 s on 2 devices: about 4 rounds, not 7
     resumed = [c for c in runner.commands if "--ckpt_path" in c]
     assert [f"{option(c, '--name')}/{option(c, '--version')}" for c in resumed] == ["BiasTuning-dtd/seed2"]
     assert "CUDA_VISIBLE_DEVICES=0 mmprompt fit" in capsys.readouterr().out
@@ -257,6 +260,7 @@ def test_parallel_failure_stops_new_runs_and_blocks_tests(workdir, capsys):
     assert len(runner.commands) == 2  # the two that were running when the first failed; nothing new started
 
 
+@pytest.mark.slow
 def test_subprocess_runner_pins_the_device():
     code = "import os, sys; sys.exit(int(os.environ['CUDA_VISIBLE_DEVICES']))"
     assert sweep.subprocess_runner([sys.executable, "-c", code], "3") == 3
