@@ -358,6 +358,15 @@ def test_export_of_a_pretraining_checkpoint(tmp_path, capsys):
     assert "mmprompt test" not in message and not (tmp_path / "export").exists()
 
 
+def test_export_of_a_checkpoint_that_describes_no_adapter(tmp_path, capsys):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 0.1}}, foreign)
+    assert main(["export", "--ckpt_path", str(foreign), "--out_dir", str(tmp_path / "export")]) == 2
+    assert_clear_error(capsys, f"--ckpt_path {foreign} does not describe an adapter",
+                       "expected a checkpoint written by `mmprompt fit`")
+    assert not (tmp_path / "export").exists()
+
+
 @pytest.mark.parametrize("content,expected", [(b"", "{config} is empty"), (b"- a\n- b\n", "{config} holds a list"),
                                               (b"model:\n  lr: 0.1 \xff\n", "{config}: not UTF-8 text (byte 0xff at offset 17)")])
 def test_config_files_that_are_no_mapping_are_named(content, expected, tmp_path, capsys):

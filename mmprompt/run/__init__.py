@@ -4,7 +4,7 @@
   module name, the Lightning stages through ``cli.py`` (`LightningCLI`: fit, validate, test, predict,
   pretrain and the analysis aliases);
 - ``guards.py``: the checks made before anything runs; ``config.py``: configs that stand alone
-  (absolute paths, a checkpoint as ``--config``, former option names); ``shipped.py``: the shipped
+  (absolute paths, a checkpoint as ``--config``); ``shipped.py``: the shipped
   configs by name; ``launch.py``: one run folder for every rank under torchrun or SLURM;
 - ``folder.py``: one live process per run folder, SIGTERM ends in a checkpoint; ``logs.py``: the
   CSV logger; ``predictions.py``: ``mmprompt predict``'s CSV files; ``inference.py``: ``mmprompt.load``

@@ -27,25 +27,25 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .argv import (asks_for_help, ckpt_path_argument, config_paths, one_batch_limits, parsed_config, prepared_args,
-                   with_first_config)
-from ..model.backbone import BUNDLED_PRETRAINED
-from ..model.checkpoint_io import AtomicCheckpointIO
-from .commands import ALIASES, main  # noqa: F401 (main: the one entry point, importable from here too)
 from ..data.datamodule import FewShotDataModule
 from ..files import UnreadableFile, is_write_error, unwritable
-from .guards import (checkpoint_model_options, error_text, init_defaults, is_global_rank_zero, outside_tiny_world,
-                     plain_option, refuse_reused_run_dir)
-from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
-from .inference import add_image_options, checked_image_paths, predict_images
+from ..model.backbone import BUNDLED_PRETRAINED
+from ..model.checkpoint_io import AtomicCheckpointIO
 from ..model.module import PromptCLIPModule
-from .predictions import PredictionWriter
 from ..results import LAST_CKPT, RESULTS_FILE
+from ..tables import write_json_atomic
+from .argv import (asks_for_help, ckpt_path_argument, config_paths, one_batch_limits, parsed_config, prepared_args,
+                   with_first_config)
+from .commands import ALIASES, main  # noqa: F401 (main: the one entry point, importable from here too)
 from .config import PRETRAINED_WEIGHTS_FILE, absolute_path_options, check_ckpt_path, config_from_checkpoint
 from .folder import SIGTERM_STATUS, RunLock, SaveOnSigterm, last_checkpoint_required, sigterm_message
+from .guards import (checkpoint_model_options, error_text, init_defaults, is_global_rank_zero, outside_tiny_world,
+                     plain_option, refuse_reused_run_dir)
+from .inference import add_image_options, checked_image_paths, predict_images
+from .launch import agree_with_rank_zero, launched_by_torchrun, slurm_version
 from .logs import KeepEarlierRowsCSVLogger
+from .predictions import PredictionWriter
 from .shipped import resolve_config
-from ..tables import write_json_atomic
 
 log = logging.getLogger(__name__)
 RUN_DIR_ENV = "MMPROMPT_RUN_DIR"  # rank 0 picks the run folder; DDP workers it launches inherit it

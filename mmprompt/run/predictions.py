@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..tables import write_csv
+from .inference import top_k_predictions
 
 PREDICTIONS_PATTERN = "predictions_{name}.csv"
 Row = dict[str, Any]
@@ -24,18 +25,17 @@ Row = dict[str, Any]
 def prediction_rows(output: dict[str, Tensor], batch: dict[str, Tensor], items: Sequence[Any],
                     classnames: tuple[str, ...], top_k: int) -> list[Row]:
     """One row per image of a predict batch; ``items`` are the dataset's items (``.path``) by index."""
-    k = min(top_k, len(classnames))
-    probabilities, classes = output["probability"].float().topk(k, dim=-1)
+    ranked = top_k_predictions(output["probability"], classnames, top_k)
     rows = []
-    for i, index in enumerate(batch["index"].tolist()):
+    for i, (index, prediction) in enumerate(zip(batch["index"].tolist(), ranked)):
         row: Row = {"index": index, "path": str(items[index].path)}
         if "label" in batch:  # a dataset's split; the user's own images (--images) have no labels
             label = int(batch["label"][i])
             row.update(label=label, label_name=classnames[label] if 0 <= label < len(classnames) else "")
         row["prediction"] = classnames[int(output["prediction"][i])]
-        for rank in range(k):
-            row[f"top{rank + 1}"] = classnames[int(classes[i, rank])]
-            row[f"top{rank + 1}_prob"] = round(float(probabilities[i, rank]), 6)
+        for rank, (name, probability) in enumerate(zip(prediction.labels, prediction.probabilities), start=1):
+            row[f"top{rank}"] = name
+            row[f"top{rank}_prob"] = round(probability, 6)
         rows.append(row)
     return rows
 

@@ -149,10 +149,10 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path, form: str = "auto", overwr
     checkpoint = read_checkpoint(ckpt_path)
     if is_pretraining_checkpoint(checkpoint):
         raise pretraining_checkpoint_error(ckpt_path, checkpoint)
-    hyper_parameters = checkpoint.get("hyper_parameters") or {}  # load_from_checkpoint upgrades them
+    hyper_parameters = checkpoint.get("hyper_parameters") or {}
     if "adapter" not in hyper_parameters:
-        raise ValueError(f"--ckpt_path {ckpt_path} does not describe its adapter (written by an older mmprompt): "
-                         "run `mmprompt test --config RUN/config.yaml --ckpt_path ...` once to re-save, or re-train")
+        raise ValueError(f"--ckpt_path {ckpt_path} does not describe an adapter (no 'adapter' in its hyper-parameters): "
+                         "expected a checkpoint written by `mmprompt fit` (RUN/checkpoints/last.ckpt)")
     if hyper_parameters.get("pretrained") is None:
         print("  note: the backbone has random weights (pretrained: null); the open_clip export holds them")
     module = PromptCLIPModule.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
