@@ -4,9 +4,14 @@ list: a new method is checked by every such test the day it is registered."""
 from __future__ import annotations
 
 import importlib
+from functools import cache
 
-from mmprompt.adapters.base import Adapter
+from mmprompt.adapters.base import Adapter, BuildContext
 from mmprompt.methods import methods
+from mmprompt.model.backbone import BackboneSpec, get_tokenizer, load_clip
+from mmprompt.model.module import word_embedder
+
+TINY = "mmprompt-tiny"
 
 
 def adapter_class(class_path: str) -> type[Adapter]:
@@ -21,3 +26,23 @@ def registered_adapters() -> list[type[Adapter]]:
 
 def adapter_id(adapter_type: type[Adapter]) -> str:
     return adapter_type.__name__
+
+
+@cache
+def tiny_build_context() -> BuildContext:
+    clip = load_clip(TINY, pretrained=None)
+    return BuildContext(BackboneSpec.from_clip(clip, TINY), word_embedder(clip, get_tokenizer(TINY)))
+
+
+@cache
+def trains_at_build(adapter_type: type[Adapter]) -> bool:
+    """Whether the method's adapter, as registered (default arguments), has tensors to train once built;
+    the training-free ones (and Tip-Adapter-F, whose keys come with its cache) have none."""
+    adapter = adapter_type()
+    adapter.build(tiny_build_context())
+    return adapter.num_trainable_parameters() > 0
+
+
+def trained_adapters() -> list[type[Adapter]]:
+    """The registered methods that train from their build."""
+    return [adapter for adapter in registered_adapters() if trains_at_build(adapter)]

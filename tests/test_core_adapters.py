@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from method_helpers import registered_adapters
+from method_helpers import trained_adapters
 
 from mmprompt.adapters import (
     IVLP, BiasTuning, BuildContext, CLIPAdapter, CoCoOp, CoOp, CoupledBiasTuning, KgCoOp, LoRA, MaPLe, PromptSRC,
@@ -129,7 +129,7 @@ def test_zero_shot_ensemble_averages_normalised_template_features(classes):
 #: every registered method that trains from its build (tests/test_perf.py names the training-free ones), as
 #: registered, and variants whose options change what is trained
 TRAINED_ADAPTERS = [
-    *[adapter for adapter in registered_adapters() if adapter not in (ZeroShot, TipAdapter, TipAdapterF)],
+    *trained_adapters(),
     lambda: CoOp(n_ctx=4, ctx_init="a photo of a"), lambda: BiasTuning(layers=[0, 5], placement="mlp", branch="vision"),
 ]
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from method_helpers import adapter_id, registered_adapters
+from method_helpers import adapter_id, registered_adapters, trained_adapters, trains_at_build
 
 from mmprompt.adapters import CoCoOp, MaPLe
 from mmprompt.model.attention import softmax_attention
@@ -49,11 +49,6 @@ def running_as(module: PromptCLIPModule, **options) -> AbstractContextManager:
     """The same weights under other speed options, with text caches of their own (the caches depend on
     the options); the module's options and caches come back on leaving."""
     return module.running_with(replace(module.speed, **options))
-
-
-def trains(adapter_type) -> bool:
-    """Whether the method's adapter, as registered (default arguments), has tensors to train at build."""
-    return _module(adapter_type()).adapter.num_trainable_parameters() > 0
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +131,7 @@ def test_text_cache_is_bypassed_while_text_prompts_train():
     assert first.requires_grad and not caches.features
 
 
-@pytest.mark.parametrize("adapter_class", [a for a in registered_adapters() if trains(a)], ids=adapter_id)
+@pytest.mark.parametrize("adapter_class", trained_adapters(), ids=adapter_id)
 def test_training_gradients_equal_the_naive_path(adapter_class, images):
     module = _module(adapter_class()).train()
     for dropout in (m for m in module.adapter.modules() if isinstance(m, torch.nn.Dropout)):
@@ -159,7 +154,8 @@ def test_training_gradients_equal_the_naive_path(adapter_class, images):
 def test_only_the_training_free_methods_have_nothing_to_train_at_build():
     """The gradient test above covers every other method; Tip-Adapter-F's keys appear with its cache
     (tests/test_methods_feature_cache.py)."""
-    assert {a.__name__ for a in registered_adapters() if not trains(a)} == {"ZeroShot", "TipAdapter", "TipAdapterF"}
+    assert {a.__name__ for a in registered_adapters() if not trains_at_build(a)} == {"ZeroShot", "TipAdapter",
+                                                                                     "TipAdapterF"}
 
 
 def test_length_buckets_cover_every_prompt_once_and_respect_chunk_size():
