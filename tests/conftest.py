@@ -1,8 +1,9 @@
 """Shared fixtures. Tests never touch the network: open_clip is forced offline.
 
 Two loops: ``pytest -m "not slow"`` is the everyday one; ``slow`` marks every test that starts a
-process (the CLI in a subprocess, DDP, torchrun, pip) or trains a model for real. A test that
-starts a process without the mark fails (`_processes_only_in_slow_tests`), so the fast loop stays fast.
+process (the CLI in a subprocess, DDP, torchrun, pip), builds ViT-B/16 or trains a model for real. A
+test that starts a process without the mark fails (`_processes_only_in_slow_tests`), so the fast loop
+stays fast.
 """
 
 from __future__ import annotations

@@ -216,8 +216,8 @@ class SlowRunner(FakeRunner):
             self.most_at_once = max(self.most_at_once, len(self.active))
             self.devices[name] = device
             self.started.append(name)
-            first = len(self.started) <= (self.meeting.parties if self.meeting else 0)
-        if first:
+            meets = self.meeting is not None and len(self.started) <= self.meeting.parties
+        if meets:
             self.meeting.wait()  # raises BrokenBarrierError if the others never start
         time.sleep(0.2)
         with self.lock:
