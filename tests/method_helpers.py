@@ -28,10 +28,15 @@ def adapter_id(adapter_type: type[Adapter]) -> str:
     return adapter_type.__name__
 
 
+def build_context(clip, tokenizer, spec: BackboneSpec) -> BuildContext:
+    """What `Adapter.build` sees for an open_clip model, as `PromptCLIPModule` gives it."""
+    return BuildContext(spec, word_embedder(clip, tokenizer))
+
+
 @cache
 def tiny_build_context() -> BuildContext:
     clip = load_clip(TINY, pretrained=None)
-    return BuildContext(BackboneSpec.from_clip(clip, TINY), word_embedder(clip, get_tokenizer(TINY)))
+    return build_context(clip, get_tokenizer(TINY), BackboneSpec.from_clip(clip, TINY))
 
 
 @cache

@@ -7,23 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from method_helpers import trained_adapters
+from method_helpers import build_context, trained_adapters
 
 from mmprompt.adapters import (
-    IVLP, BiasTuning, BuildContext, CLIPAdapter, CoCoOp, CoOp, CoupledBiasTuning, KgCoOp, LoRA, MaPLe, PromptSRC,
+    IVLP, BiasTuning, CLIPAdapter, CoCoOp, CoOp, CoupledBiasTuning, KgCoOp, LoRA, MaPLe, PromptSRC,
     TextDeep, TipAdapter, TipAdapterF, VPTDeep, ZeroShot,
 )
 from mmprompt.adapters.base import PreparationContext
 from mmprompt.tools import methods_table
 from mmprompt.classes import ClassSet
-from mmprompt.model.module import PromptCLIPModule, word_embedder
+from mmprompt.model.module import PromptCLIPModule
 
 TINY = "mmprompt-tiny"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _build_context(clip, tokenizer, spec) -> BuildContext:
-    return BuildContext(spec, word_embedder(clip, tokenizer))
 
 
 @pytest.mark.slow
@@ -47,7 +43,7 @@ def _build_context(clip, tokenizer, spec) -> BuildContext:
     (TipAdapterF(), 0),  # before its cache is sized: K·C·512 (below)
 ], ids=lambda value: type(value).__name__ if not isinstance(value, int) else str(value))
 def test_trainable_parameter_counts_on_vit_b16(vit_b16, adapter, expected):
-    adapter.build(_build_context(*vit_b16))
+    adapter.build(build_context(*vit_b16))
     assert adapter.num_trainable_parameters() == expected
 
 
@@ -55,7 +51,7 @@ def test_trainable_parameter_counts_on_vit_b16(vit_b16, adapter, expected):
 def test_tip_adapter_f_trains_one_key_per_training_image_on_vit_b16(vit_b16):
     """K·C·512: 16 shots of Caltech101's 100 classes give 819,200 trainable parameters (ImageNet: 8,192,000)."""
     adapter = TipAdapterF()
-    adapter.build(_build_context(*vit_b16))
+    adapter.build(build_context(*vit_b16))
     assert adapter.parameter_formula() == "K·C·512"
     classes = ClassSet("all", tuple(f"class {i}" for i in range(100)))
     adapter.allocate(PreparationContext(classes, lambda crop_scale=None: range(16 * 100), None, "cpu"))
@@ -65,7 +61,7 @@ def test_tip_adapter_f_trains_one_key_per_training_image_on_vit_b16(vit_b16):
 @pytest.mark.slow
 def test_docs_parameter_counts_are_the_built_ones_on_vit_b16(vit_b16):
     """The parameter column of docs/methods.md's generated table, rebuilt from each method's config."""
-    context = _build_context(*vit_b16)
+    context = build_context(*vit_b16)
     rows = methods_table.method_rows(REPO / "configs")
     docs = methods_table.counts_in_docs((REPO / "docs" / "methods.md").read_text())
     assert {row.info.name: methods_table.built_count(row, context) for row in rows} == docs

@@ -49,13 +49,25 @@ def asks_for_help(args: list[str]) -> bool:
     return any(arg in HELP_FLAGS for arg in args)
 
 
+def config_at(args: list[str], index: int) -> str | None:
+    """The ``--config`` value that ``args[index]`` starts (``--config X``, ``-c X``, ``--config=X``), else None."""
+    arg = args[index]
+    if arg in CONFIG_FLAGS:
+        return args[index + 1] if index + 1 < len(args) else None
+    return arg.split("=", 1)[1] if arg.startswith("--config=") else None
+
+
 def config_paths(args: list[str]) -> Iterator[str]:
     """The values of every ``--config``/``-c`` option in ``args``, in order."""
-    for index, arg in enumerate(args):
-        if arg in CONFIG_FLAGS and index + 1 < len(args):
-            yield args[index + 1]
-        elif arg.startswith("--config="):
-            yield arg.split("=", 1)[1]
+    for index in range(len(args)):
+        value = config_at(args, index)
+        if value is not None:
+            yield value
+
+
+def is_config_file(source: str) -> bool:
+    """Whether a ``--config`` value names an existing file (a YAML string, e.g. a checkpoint's config, does not)."""
+    return "\n" not in source and Path(source).is_file()
 
 
 def ckpt_path_argument(args: list[str]) -> str | None:
@@ -80,7 +92,7 @@ def with_shipped_configs(args: list[str]) -> list[str]:
 def check_config_files(args: list[str]) -> None:
     """Check the syntax of every ``--config`` file that exists (jsonargparse reports missing ones)."""
     for value in config_paths(args):
-        if "\n" not in value and Path(value).is_file():  # a YAML string (a checkpoint's config) is no file
+        if is_config_file(value):
             check_config_syntax(Path(value))
 
 
@@ -114,9 +126,8 @@ def images_as_one_value(args: list[str]) -> list[str]:
 
 def parsed_config(source: str) -> Mapping[str, Any] | None:
     """The parsed YAML of a ``--config`` file or string; None unless it parses to a mapping."""
-    is_file = "\n" not in source and Path(source).is_file()
     try:
-        config = yaml.safe_load(Path(source).read_text(encoding="utf-8") if is_file else source)
+        config = yaml.safe_load(Path(source).read_text(encoding="utf-8") if is_config_file(source) else source)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None  # not YAML (or a missing file): the config checks and jsonargparse report it
     return config if isinstance(config, dict) else None
@@ -141,8 +152,7 @@ def options_given(args: list[str], section: tuple[str, ...]) -> list[tuple[str, 
             value = value if has_value else (args[index + 1] if index + 1 < len(args) else "")
             given.append((name, flag_value(value)))
             continue
-        source = next(config_paths(args[index:index + 2]), None) if arg in CONFIG_FLAGS or \
-            arg.startswith("--config=") else None
+        source = config_at(args, index)
         options = parsed_config(source) if source is not None else None
         for key in section:
             options = options.get(key) if isinstance(options, dict) else None

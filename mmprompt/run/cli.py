@@ -34,8 +34,8 @@ from ..model.checkpoint_io import AtomicCheckpointIO
 from ..model.module import PromptCLIPModule
 from ..results import LAST_CKPT, RESULTS_FILE
 from ..tables import write_json_atomic
-from .argv import (asks_for_help, ckpt_path_argument, config_paths, one_batch_limits, parsed_config, prepared_args,
-                   with_first_config)
+from .argv import (asks_for_help, ckpt_path_argument, config_paths, is_config_file, one_batch_limits, parsed_config,
+                   prepared_args, with_first_config)
 from .commands import ALIASES, main  # noqa: F401 (main: the one entry point, importable from here too)
 from .config import PRETRAINED_WEIGHTS_FILE, absolute_path_options, check_ckpt_path, config_from_checkpoint
 from .folder import SIGTERM_STATUS, RunLock, SaveOnSigterm, last_checkpoint_required, sigterm_message
@@ -495,7 +495,7 @@ class AnalysisCLI(MMPromptCLI):
 
     def run_arguments(self, args: list[str]) -> list[str]:
         """``args`` with ``--ckpt_path RUN/checkpoints/last.ckpt`` when none is given and it exists."""
-        self.analysed_config = next((Path(c) for c in config_paths(args) if Path(c).is_file()), None)
+        self.analysed_config = next((Path(c) for c in config_paths(args) if is_config_file(c)), None)
         if ckpt_path_argument(args) is not None or asks_for_help(args):
             return args
         run_folder_of(self.analysed_config, None)  # neither --config nor --ckpt_path: say what to give
